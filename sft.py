@@ -1,0 +1,281 @@
+"""Build the bundled tiny models from scratch: a tokenizer, a policy and a step judge.
+
+    python sft.py                       # builds models/{policy,judge} unless they are already up to date
+    python sft.py --FORCE=true          # rebuild anyway
+    python sft.py --BUILD=policy        # only one of them
+
+The tokenizer is a byte-level BPE trained on the bundled data, with digits split one by one (so numbers are
+spelled digit by digit, which is what lets a tiny model do arithmetic). Both models are small Llama-style
+decoders saved as standard Hugging Face folders (config.json, model.safetensors, tokenizer files) that
+AutoModelForCausalLM / AutoTokenizer load as they are.
+
+- The policy is fine-tuned on a deliberately small gold set (SFT_GOLD_SIZE problems): it solves part of
+  the test set, which leaves preference optimization room to help, and the rest of the training problems
+  reach training only through the policy's own samples and the judge.
+- The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
+  common.py with Yes/No, on gold solutions and on automatically corrupted ones (data_utils.corrupt_solution)
+  labelled by the programmatic checker. It never sees the policy's samples.
+
+Each model folder keeps build_config.json; a build whose config matches it is skipped.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from common import (atomic_write_json, command_line, config_from_argv, encode, judge_answer_text,
+                    judge_segments, pack_judge, packed_batch, policy_prompt, print_json)
+from data_utils import corrupt_solution, join_solution, label_steps, load_problems, split_steps
+
+# ----------------------------------------------------------------------------- tunables
+TRAIN_FILE = "data/train.jsonl"
+MODELS_DIR = "models"
+BUILD = "both"            # policy | judge | both
+FORCE = False             # rebuild even when build_config.json matches
+SEED = 0
+THREADS = 2               # torch CPU threads
+# tokenizer
+VOCAB_SIZE = 512
+# policy: Llama-style decoder
+POLICY_HIDDEN = 192
+POLICY_LAYERS = 4
+POLICY_HEADS = 6
+POLICY_MLP = 512
+SFT_GOLD_SIZE = 2000      # gold solutions the policy is trained on (the first ones of TRAIN_FILE)
+POLICY_STEPS = 800        # optimizer steps
+POLICY_BATCH = 32
+POLICY_LR = 1e-3
+# judge: a separate decoder (same shape by default; larger ones are slow to build on 2 CPU cores)
+JUDGE_HIDDEN = 192
+JUDGE_LAYERS = 4
+JUDGE_HEADS = 6
+JUDGE_MLP = 512
+JUDGE_STEPS = 800
+JUDGE_BATCH = 32
+JUDGE_LR = 1e-3
+CORRUPT_PROB = 0.5        # share of judge examples drawn from a corrupted solution
+# shared optimizer details
+WARMUP_STEPS = 50
+WEIGHT_DECAY = 0.01
+MAX_LEN = 320             # tokens; longer examples are dropped
+CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
+
+SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE with single-digit pre-splitting, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # words keep their leading space (' apples'), each digit is its own piece (' 4', '7' for ' 47')
+    pieces = Regex(r" ?\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pieces, behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                          use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
+                                   bos_token=SPECIAL["eos"], model_max_length=MAX_LEN)
+
+
+def make_model(tokenizer, hidden, layers, heads, mlp, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=mlp,
+                         max_position_embeddings=MAX_LEN * 2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def policy_example(tokenizer, question, steps, final):
+    """(input_ids, labels): the prompt is masked out of the loss; the solution ends with EOS."""
+    prompt = encode(tokenizer, policy_prompt(tokenizer, question))
+    solution = encode(tokenizer, join_solution(steps, final)) + [tokenizer.eos_token_id]
+    return prompt + solution, [-100] * len(prompt) + solution
+
+
+def judge_example(tokenizer, question, steps, labels):
+    """One packed sequence holding the judge prompt of every step (common.pack_judge) and the Yes/No
+    answer token expected at the end of each."""
+    pack = pack_judge(tokenizer, question, steps)
+    targets = [encode(tokenizer, judge_answer_text(tokenizer, ok))[0] for ok in labels]
+    return pack, targets
+
+
+def collate(examples, pad_id):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (x, y) in enumerate(examples):
+        ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+def length_grouped_batches(examples, batch_size, rng, pool=8):
+    """Endless batches, each of examples of similar length (less padding): shuffle, sort within pools of
+    `pool` batches, shuffle the batches."""
+    while True:
+        order = rng.sample(examples, len(examples))
+        batches = []
+        for start in range(0, len(order) - batch_size + 1, batch_size * pool):
+            chunk = sorted(order[start:start + batch_size * pool], key=lambda e: len(e[0]))
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def train_lm(model, batch_loss, steps, lr, warmup, weight_decay, desc):
+    """A plain AdamW loop with linear warm-up and cosine decay to 10%; `batch_loss(model, step)` draws a
+    batch and returns its loss. Returns the loss curve."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        loss = batch_loss(model, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    model.eval()
+    return losses
+
+
+def save_model(model, tokenizer, out_dir, build_config, losses):
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    atomic_write_json(os.path.join(out_dir, "train_log.json"), {"loss": [round(x, 5) for x in losses]})
+    atomic_write_json(os.path.join(out_dir, "build_config.json"), build_config)  # written last: marks done
+
+
+def up_to_date(out_dir, build_config):
+    path = os.path.join(out_dir, "build_config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    volatile = ("command", "build_seconds")
+    return ({k: v for k, v in saved.items() if k not in volatile}
+            == {k: v for k, v in build_config.items() if k not in volatile})
+
+
+def build_policy(cfg, tokenizer, problems):
+    rng = random.Random(cfg["SEED"])
+    gold = [split_steps(p["answer"], strip_calc=True) for p in problems[: cfg["SFT_GOLD_SIZE"]]]
+    examples = [policy_example(tokenizer, p["question"], steps, final)
+                for p, (steps, final) in zip(problems, gold)]
+    examples = [e for e in examples if len(e[0]) <= cfg["MAX_LEN"]]
+    model = make_model(tokenizer, cfg["POLICY_HIDDEN"], cfg["POLICY_LAYERS"], cfg["POLICY_HEADS"],
+                       cfg["POLICY_MLP"], cfg["SEED"])
+
+    batches = length_grouped_batches(examples, cfg["POLICY_BATCH"], rng)
+
+    def batch_loss(model, step):
+        ids, mask, labels = collate(next(batches), tokenizer.pad_token_id)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = train_lm(model, batch_loss, cfg["POLICY_STEPS"], cfg["POLICY_LR"], cfg["WARMUP_STEPS"],
+                      cfg["WEIGHT_DECAY"], "policy SFT")
+    return model, losses
+
+
+def build_judge(cfg, tokenizer, problems):
+    rng = random.Random(cfg["SEED"] + 1)
+    parsed = [(p, *split_steps(p["answer"], strip_calc=True)) for p in problems]
+
+    def draw():
+        p, steps, final = rng.choice(parsed)
+        if rng.random() < cfg["CORRUPT_PROB"]:
+            steps, final, _ = corrupt_solution(steps, final, rng, p["question"])
+        return judge_example(tokenizer, p["question"], steps, label_steps(p["answer"], steps))
+
+    model = make_model(tokenizer, cfg["JUDGE_HIDDEN"], cfg["JUDGE_LAYERS"], cfg["JUDGE_HEADS"],
+                       cfg["JUDGE_MLP"], cfg["SEED"] + 1)
+
+    def batch_loss(model, step):
+        batch = []
+        while len(batch) < cfg["JUDGE_BATCH"]:
+            pack, targets = draw()
+            if len(pack[0]) <= cfg["MAX_LEN"]:
+                batch.append((pack, targets))
+        ids, pos, mask = packed_batch([p for p, _ in batch], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        rows = torch.tensor([r for r, (p, _) in enumerate(batch) for _ in p[3]])
+        cols = torch.tensor([i for p, _ in batch for i in p[3]])
+        targets = torch.tensor([t for _, ts in batch for t in ts])
+        return torch.nn.functional.cross_entropy(logits[rows, cols], targets)
+
+    losses = train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
+                      cfg["WEIGHT_DECAY"], "judge GenRM")
+    return model, losses
+
+
+POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "POLICY_MLP", "SFT_GOLD_SIZE",
+               "POLICY_STEPS", "POLICY_BATCH", "POLICY_LR"]
+JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
+              "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB"]
+SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
+
+
+def main(argv):
+    cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    torch.set_num_threads(cfg["THREADS"])
+    problems = load_problems(cfg["TRAIN_FILE"])
+    with open(cfg["TRAIN_FILE"], "rb") as f:
+        data_hash = hashlib.sha256(f.read()).hexdigest()[:16]
+    targets = [t for t in ("policy", "judge") if cfg["BUILD"] in (t, "both")]
+    if not targets:
+        raise SystemExit(f"--BUILD must be policy, judge or both, got {cfg['BUILD']!r}")
+    plans = {}
+    for name in targets:
+        keys = SHARED_KEYS + (POLICY_KEYS if name == "policy" else JUDGE_KEYS)
+        build_config = {k: cfg[k] for k in keys} | {"data_sha256": data_hash, "command": command_line()}
+        out_dir = os.path.join(cfg["MODELS_DIR"], name)
+        if not cfg["FORCE"] and up_to_date(out_dir, build_config):
+            print_json({"model": out_dir, "status": "up to date, skipped (--FORCE=true rebuilds)"})
+        else:
+            plans[name] = (out_dir, build_config)
+    if not plans:
+        return
+    texts = [p["question"] for p in problems] + [
+        join_solution(*split_steps(p["answer"], strip_calc=True)) for p in problems]
+    # the prompt scaffolding and the judge's two answers, often enough for BPE to give each word one token
+    head, _, tail = judge_segments(None, "x", [])
+    texts += [policy_prompt(None, "x"), head + tail + judge_answer_text(None, True),
+              head + tail + judge_answer_text(None, False)] * 500
+    tokenizer = train_tokenizer(texts, cfg["VOCAB_SIZE"])
+    for name, (out_dir, build_config) in plans.items():
+        t0 = time.time()
+        builder = build_policy if name == "policy" else build_judge
+        model, losses = builder(cfg, tokenizer, problems)
+        build_config["build_seconds"] = round(time.time() - t0, 1)
+        save_model(model, tokenizer, out_dir, build_config, losses)
+        n_params = sum(p.numel() for p in model.parameters())
+        print_json({"model": out_dir, "params": n_params, "seconds": build_config["build_seconds"],
+                    "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,30 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A BPE tokenizer trained in-test on 200 bundled problems (the same code sft.py uses)."""
+    import sft
+    from common import judge_answer_text, judge_segments, policy_prompt
+    from data_utils import generate_task, join_solution, split_steps
+
+    train, _ = generate_task(200, 10, seed=7)
+    head, _, tail = judge_segments(None, "x", [])
+    texts = [p["question"] for p in train] + [join_solution(*split_steps(p["answer"], strip_calc=True))
+                                              for p in train]
+    texts += [policy_prompt(None, "x"), head + tail + judge_answer_text(None, True),
+              head + tail + judge_answer_text(None, False)] * 50
+    return sft.train_tokenizer(texts, 400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    import sft
+    return sft.make_model(tiny_tokenizer, hidden=32, layers=2, heads=2, mlp=64, seed=0).eval()

@@ -1,0 +1,142 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import evaluate
+import sft
+from common import answer_token_ids, atomic_write_jsonl, encode, judge_answer_text, pack_judge, packed_batch
+from conftest import ROOT
+from data_utils import corrupt_solution, generate_task, load_problems, split_steps
+
+
+def test_tokenizer_spells_numbers_digit_by_digit(tiny_tokenizer):
+    pieces = tiny_tokenizer.tokenize("Mia has 1234 apples and 56.")
+    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert len(digit_pieces) == 6 and all(sum(c.isdigit() for c in p) == 1 for p in digit_pieces)
+    assert tiny_tokenizer.decode(encode(tiny_tokenizer, "Mia has 1234 apples.\n#### 5")) == "Mia has 1234 apples.\n#### 5"
+    assert len(encode(tiny_tokenizer, judge_answer_text(tiny_tokenizer, True))) == 1
+    assert len(encode(tiny_tokenizer, judge_answer_text(tiny_tokenizer, False))) == 1
+
+
+def test_policy_example_masks_the_prompt(tiny_tokenizer):
+    ids, labels = sft.policy_example(tiny_tokenizer, "Q?", ["a = 1"], "1")
+    n_prompt = len(encode(tiny_tokenizer, "Question: Q?\nAnswer:\n"))
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_judge_example_targets(tiny_tokenizer):
+    (ids, pos, groups, answer_index), targets = sft.judge_example(tiny_tokenizer, "Q?", ["a", "b", "c"],
+                                                                  [True, False, False])
+    yes, no = encode(tiny_tokenizer, " Yes")[0], encode(tiny_tokenizer, " No")[0]
+    assert targets == [yes, no, no] and len(answer_index) == 3 and groups[answer_index[2]] == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """sft.main end to end on 60 problems with tiny shapes and a few steps."""
+    folder = tmp_path_factory.mktemp("build")
+    train, _ = generate_task(60, 1, seed=11)
+    atomic_write_jsonl(folder / "train.jsonl", train)
+    args = [f"--TRAIN_FILE={folder / 'train.jsonl'}", f"--MODELS_DIR={folder / 'models'}", "--VOCAB_SIZE=400",
+            "--SFT_GOLD_SIZE=20", "--POLICY_STEPS=12", "--POLICY_BATCH=4", "--JUDGE_STEPS=12", "--JUDGE_BATCH=4",
+            "--WARMUP_STEPS=2"] + [f"--{k}_{d}={v}" for k in ("POLICY", "JUDGE")
+                                   for d, v in (("HIDDEN", 32), ("LAYERS", 1), ("HEADS", 2), ("MLP", 64))]
+    sft.main(args)
+    return folder, args
+
+
+def test_build_writes_standard_folders(tiny_build):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = tiny_build
+    for name in ("policy", "judge"):
+        path = folder / "models" / name
+        assert (path / "model.safetensors").exists() and (path / "build_config.json").exists()
+        model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        init = sft.make_model(tok, 32, 1, 2, 64, 0 if name == "policy" else 1)
+        changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), init.parameters())]
+        assert all(changed), "every parameter tensor should have moved from its initial value"
+        losses = json.loads((path / "train_log.json").read_text())["loss"]
+        assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_build_is_skipped_when_up_to_date(tiny_build, capsys):
+    folder, args = tiny_build
+    before = (folder / "models" / "policy" / "model.safetensors").stat().st_mtime_ns
+    sft.main(args)
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 2
+    assert (folder / "models" / "policy" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_pass_at_k_and_majority():
+    assert evaluate.pass_at_k(8, 0, 3) == 0.0 and evaluate.pass_at_k(8, 8, 1) == 1.0
+    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(0.5)          # 1 - C(3,2)/C(4,2)
+    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert evaluate.majority_answer(["3", "3.0", "4", None]) == "3"
+    assert evaluate.majority_answer(["4", "3"]) == "4" and evaluate.majority_answer([None]) is None
+
+
+def test_score_samples_by_hand():
+    gold = ["5", "7"]
+    greedy = ["x\n#### 5", "x\n#### 6"]
+    samples = [["#### 5", "#### 4", "#### 4"], ["#### 7", "#### 7", "#### 1"]]
+    m = evaluate.score_samples(gold, greedy, samples)
+    assert m["greedy_acc"] == 0.5 and m["sample_acc"] == pytest.approx(3 / 6)
+    assert m["pass_at_k"] == pytest.approx([(1 / 3 + 2 / 3) / 2, (2 / 3 + 1) / 2, 1.0])
+    assert m["maj_at_k"] == pytest.approx([1.0, 1.0, 0.5]) and m["maj_at_3"] == 0.5 and m["pass_at_3"] == 1.0
+
+
+COMMITTED = os.path.join(ROOT, "models")
+
+
+def test_committed_models_load_with_auto_classes():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("policy", "judge"):
+        path = os.path.join(COMMITTED, name)
+        model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama" and tok.eos_token == "<|endoftext|>"
+        total = sum(os.path.getsize(os.path.join(COMMITTED, n, f)) for n in ("policy", "judge")
+                    for f in os.listdir(os.path.join(COMMITTED, n)))
+        assert total < 20 * 2 ** 20
+
+
+def test_committed_judge_separates_gold_from_corrupted_steps():
+    from common import load_model
+
+    judge, tok = load_model(os.path.join(COMMITTED, "judge"))
+    yes, no = answer_token_ids(tok, "Yes"), answer_token_ids(tok, "No")
+    rng = random.Random(0)
+    gold_scores, bad_scores = [], []
+    for p in load_problems(os.path.join(ROOT, "data", "test.jsonl"))[:40]:
+        steps, final = split_steps(p["answer"], strip_calc=True)
+        bad, _, j = corrupt_solution(steps, final, rng, p["question"])
+        packs = [pack_judge(tok, p["question"], steps), pack_judge(tok, p["question"], bad)]
+        ids, pos, mask = packed_batch(packs, tok.pad_token_id)
+        with torch.no_grad():
+            logp = judge(input_ids=ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+        for r, dest in ((0, gold_scores), (1, bad_scores)):
+            i = packs[r][3][j]
+            p_yes, p_no = logp[r, i, yes].exp().sum(), logp[r, i, no].exp().sum()
+            dest.append(float(p_yes / (p_yes + p_no)))
+    assert sum(g > b for g, b in zip(gold_scores, bad_scores)) >= 30
+
+
+def test_evaluate_main_writes_run_folder(tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", "--N_PROBLEMS=6", "--K=2",
+                   f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert metrics["n_problems"] == 6 and metrics["k"] == 2 and len(metrics["pass_at_k"]) == 2
+    assert config["K"] == 2 and "evaluate" in config["command"]
+    assert len(samples) == 6 and all(len(s["samples"]) == 2 for s in samples)
+    assert (out / "passk.png").stat().st_size > 1000
+    recount = sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 6
+    assert metrics["greedy_acc"] == recount
