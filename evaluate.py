@@ -1,10 +1,13 @@
-"""Evaluate a policy on the test set: greedy accuracy, pass@k and majority@k from K samples.
+"""Evaluate a policy on the test set: greedy accuracy, pass@k, majority@k and judge best-of-K; and the judge.
 
     python evaluate.py                                   # models/policy on data/test.jsonl
     python evaluate.py --MODEL=path/or/hub-id --OUT_DIR=results/my_run/eval
 
 Writes OUT_DIR/config.json (the resolved config and the command), metrics.json, samples.jsonl (every
 completion with its extracted answer) and passk.png (pass@k and majority@k against k, greedy as a line).
+With a JUDGE, the K samples are also reranked by the judge (min, prod and last step score) and the judge is
+measured against the bundled task's reference step labels (step AUROC, accuracy at THRESHOLD,
+ProcessBench F1 of the first-error location), written to JUDGE_EVAL_FILE.
 pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, eq. 1) over the K samples.
 """
 import os
@@ -15,12 +18,19 @@ from math import comb
 
 from common import (atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, load_model,
                     policy_prompt, print_json, sample)
-from data_utils import answers_match, extract_answer, load_problems, normalize_answer, split_steps
+from data_utils import answers_match, extract_answer, label_steps, load_problems, normalize_answer, split_steps
+from reward_model import DiskCache, aggregate, first_error, make_judge, score_solutions
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"   # local folder, Hub id, or a .gguf file
+JUDGE = "models/judge"    # judge for best-of-K reranking ("" = none); folder, Hub id, .gguf or http:// URL
+JUDGE_MODEL_NAME = ""     # model name sent to a judge server
+JUDGE_TOKENIZER = ""      # judge server: tokenizer whose chat template renders the prompt ("" = plain)
 TEST_FILE = "data/test.jsonl"
 OUT_DIR = "results/reference/eval_policy"
+JUDGE_EVAL_FILE = "results/reference/judge_eval.json"  # judge-vs-reference-labels report ("" = skip)
+THRESHOLD = 0.5           # judge score under which a step counts as wrong
+CACHE_DIR = "cache"
 N_PROBLEMS = 0            # 0 = all test problems
 K = 8                     # samples per problem for pass@k / majority@k
 TEMPERATURE = 0.7
@@ -71,6 +81,74 @@ def score_samples(gold, greedy, samples):
     }
 
 
+def auroc(scores, labels):
+    """Area under the ROC curve: the probability that a correct step outscores a wrong one (ties count
+    half), by the Mann-Whitney U statistic with average ranks."""
+    pairs = sorted(zip(scores, labels))
+    n_pos = sum(labels)
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + 1 + j) / 2  # ranks i+1..j share their average
+        rank_sum += avg_rank * sum(1 for _, y in pairs[i:j] if y)
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def processbench_f1(predicted, reference):
+    """ProcessBench (Zheng et al. 2024, arXiv 2412.06559): first-error indices (-1 = no error); accuracy on
+    erroneous and on correct solutions, and their harmonic mean."""
+    err = [p == r for p, r in zip(predicted, reference) if r != -1]
+    ok = [p == r for p, r in zip(predicted, reference) if r == -1]
+    acc_err = sum(err) / len(err) if err else 0.0
+    acc_ok = sum(ok) / len(ok) if ok else 0.0
+    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0
+    return {"f1": f1, "acc_erroneous": acc_err, "acc_correct": acc_ok, "n_erroneous": len(err),
+            "n_correct": len(ok)}
+
+
+def judge_pick(step_scores, how):
+    """Index of the sample with the best aggregated judge score (first on ties)."""
+    values = [aggregate(s, how) for s in step_scores]
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def judge_metrics(problems, records, judge, cache, threshold, chunk):
+    """Judge the K samples of every problem; best-of-K by the judge; judge quality against the bundled
+    task's reference labels (data_utils.label_steps)."""
+    items = [(r["question"], split_steps(s)[0]) for r in records for s in r["samples"]]
+    results, _ = score_solutions(judge, cache, items, chunk)
+    k = len(records[0]["samples"])
+    out = {}
+    for r, i in zip(records, range(0, len(results), k)):
+        r["step_scores"] = [x["scores"] for x in results[i:i + k]]
+    for how in ("min", "prod", "last"):
+        picks = [judge_pick([[x if x is not None else 0.0 for x in s] for s in r["step_scores"]], how)
+                 for r in records]
+        out[f"judge_{how}"] = sum(answers_match(r["sample_answers"][p], r["gold"])
+                                  for r, p in zip(records, picks)) / len(records)
+    step_scores, step_labels, predicted, reference = [], [], [], []
+    for p, r in zip(problems, records):
+        for text, scores in zip(r["samples"], r["step_scores"]):
+            labels = label_steps(p["answer"], split_steps(text)[0])
+            scores = [x if x is not None else 0.5 for x in scores]
+            step_scores += scores
+            step_labels += labels
+            predicted.append(first_error(scores, threshold))
+            reference.append(next((j for j, ok in enumerate(labels) if not ok), -1))
+    quality = {"step_auroc": auroc(step_scores, step_labels),
+               "step_accuracy": sum((s >= threshold) == y for s, y in zip(step_scores, step_labels)) / len(step_labels),
+               "processbench": processbench_f1(predicted, reference),
+               "n_steps": len(step_labels), "n_wrong_steps": step_labels.count(False),
+               "unparseable": sum(x is None for r in records for s in r["step_scores"] for x in s)}
+    return out, quality
+
+
 def plot_passk(metrics, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -81,6 +159,9 @@ def plot_passk(metrics, path, title):
     ax.plot(ks, metrics["pass_at_k"], marker="o", label="pass@k")
     ax.plot(ks, metrics["maj_at_k"], marker="s", label="majority@k")
     ax.axhline(metrics["greedy_acc"], color="gray", linestyle="--", label="greedy")
+    if "judge_min" in metrics:
+        ax.plot([metrics["k"]], [metrics["judge_min"]], marker="*", markersize=12, linestyle="none",
+                label=f"judge best-of-{metrics['k']} (min)")
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -118,16 +199,32 @@ def main(argv):
         problems = problems[: cfg["N_PROBLEMS"]]
     model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
     metrics, records = evaluate_policy(model, tokenizer, problems, cfg)
-    metrics["seconds"] = round(time.time() - t0, 1)
     out = cfg["OUT_DIR"]
+    if cfg["JUDGE"]:
+        judge = make_judge(cfg["JUDGE"], cfg["JUDGE_MODEL_NAME"], cfg["JUDGE_TOKENIZER"], batch_size=cfg["BATCH_SIZE"],
+                           dtype=cfg["DTYPE"], trust_remote_code=cfg["TRUST_REMOTE_CODE"])
+        cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
+        best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
+        metrics |= best_of | {"judge_quality": quality}
+        if cfg["JUDGE_EVAL_FILE"]:
+            atomic_write_json(cfg["JUDGE_EVAL_FILE"], {
+                "step_auroc": quality["step_auroc"], "step_accuracy": quality["step_accuracy"],
+                "processbench_f1": quality["processbench"]["f1"],
+                "best_of_n": {"n": cfg["K"], **best_of, "majority": metrics[f"maj_at_{cfg['K']}"],
+                              "greedy": metrics["greedy_acc"], "random": metrics["sample_acc"]},
+                "processbench": quality["processbench"], "n_problems": len(problems),
+                "n_steps": quality["n_steps"], "n_wrong_steps": quality["n_wrong_steps"],
+                "unparseable": quality["unparseable"], "policy": cfg["MODEL"], "judge": judge.id,
+                "threshold": cfg["THRESHOLD"], "seed": cfg["SEED"], "temperature": cfg["TEMPERATURE"],
+                "command": command_line()})
+    metrics["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(os.path.join(out, "config.json"), cfg | {"command": command_line()})
     atomic_write_jsonl(os.path.join(out, "samples.jsonl"), records)
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     plot_passk(metrics, os.path.join(out, "passk.png"), f"{cfg['MODEL']} on {cfg['TEST_FILE']}")
     k = cfg["K"]
-    print_json({"model": cfg["MODEL"], "greedy_acc": round(metrics["greedy_acc"], 4),
-                f"pass_at_{k}": round(metrics[f"pass_at_{k}"], 4), f"maj_at_{k}": round(metrics[f"maj_at_{k}"], 4),
-                "out": out})
+    shown = ["greedy_acc", f"pass_at_{k}", f"maj_at_{k}", "judge_min", "judge_prod", "judge_last"]
+    print_json({"model": cfg["MODEL"]} | {m: round(metrics[m], 4) for m in shown if m in metrics} | {"out": out})
 
 
 if __name__ == "__main__":

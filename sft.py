@@ -14,7 +14,8 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
   reach training only through the policy's own samples and the judge.
 - The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
   common.py with Yes/No, on gold solutions and on automatically corrupted ones (data_utils.corrupt_solution)
-  labelled by the programmatic checker. It never sees the policy's samples.
+  labelled by the programmatic checker, and, jointly, to write the gold solutions of all training problems
+  (verification alone is one bit per step and learns arithmetic slowly). It never sees the policy's samples.
 
 Each model folder keeps build_config.json; a build whose config matches it is skipped.
 """
@@ -46,7 +47,7 @@ POLICY_HIDDEN = 192
 POLICY_LAYERS = 4
 POLICY_HEADS = 6
 POLICY_MLP = 512
-SFT_GOLD_SIZE = 2000      # gold solutions the policy is trained on (the first ones of TRAIN_FILE)
+SFT_GOLD_SIZE = 4000      # gold solutions the policy is trained on (the first ones of TRAIN_FILE)
 POLICY_STEPS = 800        # optimizer steps
 POLICY_BATCH = 32
 POLICY_LR = 1e-3
@@ -55,10 +56,12 @@ JUDGE_HIDDEN = 192
 JUDGE_LAYERS = 4
 JUDGE_HEADS = 6
 JUDGE_MLP = 512
-JUDGE_STEPS = 800
+JUDGE_STEPS = 700
 JUDGE_BATCH = 32
 JUDGE_LR = 1e-3
 CORRUPT_PROB = 0.5        # share of judge examples drawn from a corrupted solution
+JUDGE_SFT_BATCH = 16      # gold solutions per step the judge also learns to write (GenRM's joint training:
+                          # the dense next-token signal teaches it the arithmetic it must verify)
 # shared optimizer details
 WARMUP_STEPS = 50
 WEIGHT_DECAY = 0.01
@@ -85,6 +88,31 @@ def train_tokenizer(texts, vocab_size):
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
                                    bos_token=SPECIAL["eos"], model_max_length=MAX_LEN)
+
+
+def tokenizer_corpus(problems):
+    """Questions and solutions as the models see them, plus the prompt scaffolding and the judge's two
+    answers often enough for BPE to give each answer word a single token."""
+    texts = [p["question"] for p in problems] + [join_solution(*split_steps(p["answer"], strip_calc=True))
+                                                 for p in problems]
+    head, _, tail = judge_segments(None, "x", [])
+    return texts + [policy_prompt(None, "x"), head + tail + judge_answer_text(None, True),
+                    head + tail + judge_answer_text(None, False)] * 500
+
+
+def with_answer_tokens(tokenizer):
+    """The judge's tokenizer: the shared one plus the judge's two answers as single tokens, if BPE did not
+    already make them so (a reply must be one token for P(Yes) / (P(Yes) + P(No)) to be read directly)."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    answers = [judge_answer_text(tokenizer, ok) for ok in (True, False)]
+    if all(len(encode(tokenizer, a)) == 1 for a in answers):
+        return tokenizer
+    judge_tokenizer = copy.deepcopy(tokenizer)
+    judge_tokenizer.add_tokens([AddedToken(a, normalized=False, single_word=False) for a in answers])
+    return judge_tokenizer
 
 
 def make_model(tokenizer, hidden, layers, heads, mlp, seed):
@@ -198,7 +226,7 @@ def build_policy(cfg, tokenizer, problems):
 
     losses = train_lm(model, batch_loss, cfg["POLICY_STEPS"], cfg["POLICY_LR"], cfg["WARMUP_STEPS"],
                       cfg["WEIGHT_DECAY"], "policy SFT")
-    return model, losses
+    return model, losses, tokenizer
 
 
 def build_judge(cfg, tokenizer, problems):
@@ -211,6 +239,10 @@ def build_judge(cfg, tokenizer, problems):
             steps, final, _ = corrupt_solution(steps, final, rng, p["question"])
         return judge_example(tokenizer, p["question"], steps, label_steps(p["answer"], steps))
 
+    tokenizer = with_answer_tokens(tokenizer)
+    gold = [policy_example(tokenizer, p["question"], steps, final) for p, steps, final in parsed]
+    solutions = length_grouped_batches([e for e in gold if len(e[0]) <= cfg["MAX_LEN"]],
+                                       max(1, cfg["JUDGE_SFT_BATCH"]), rng)
     model = make_model(tokenizer, cfg["JUDGE_HIDDEN"], cfg["JUDGE_LAYERS"], cfg["JUDGE_HEADS"],
                        cfg["JUDGE_MLP"], cfg["SEED"] + 1)
 
@@ -225,17 +257,21 @@ def build_judge(cfg, tokenizer, problems):
         rows = torch.tensor([r for r, (p, _) in enumerate(batch) for _ in p[3]])
         cols = torch.tensor([i for p, _ in batch for i in p[3]])
         targets = torch.tensor([t for _, ts in batch for t in ts])
-        return torch.nn.functional.cross_entropy(logits[rows, cols], targets)
+        loss = torch.nn.functional.cross_entropy(logits[rows, cols], targets)
+        if cfg["JUDGE_SFT_BATCH"]:
+            ids, mask, labels = collate(next(solutions), tokenizer.pad_token_id)
+            loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss
 
     losses = train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
                       cfg["WEIGHT_DECAY"], "judge GenRM")
-    return model, losses
+    return model, losses, tokenizer
 
 
 POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "POLICY_MLP", "SFT_GOLD_SIZE",
                "POLICY_STEPS", "POLICY_BATCH", "POLICY_LR"]
 JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
-              "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB"]
+              "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH"]
 SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
 
 
@@ -259,19 +295,13 @@ def main(argv):
             plans[name] = (out_dir, build_config)
     if not plans:
         return
-    texts = [p["question"] for p in problems] + [
-        join_solution(*split_steps(p["answer"], strip_calc=True)) for p in problems]
-    # the prompt scaffolding and the judge's two answers, often enough for BPE to give each word one token
-    head, _, tail = judge_segments(None, "x", [])
-    texts += [policy_prompt(None, "x"), head + tail + judge_answer_text(None, True),
-              head + tail + judge_answer_text(None, False)] * 500
-    tokenizer = train_tokenizer(texts, cfg["VOCAB_SIZE"])
+    tokenizer = train_tokenizer(tokenizer_corpus(problems), cfg["VOCAB_SIZE"])
     for name, (out_dir, build_config) in plans.items():
         t0 = time.time()
         builder = build_policy if name == "policy" else build_judge
-        model, losses = builder(cfg, tokenizer, problems)
+        model, losses, model_tokenizer = builder(cfg, tokenizer, problems)
         build_config["build_seconds"] = round(time.time() - t0, 1)
-        save_model(model, tokenizer, out_dir, build_config, losses)
+        save_model(model, model_tokenizer, out_dir, build_config, losses)
         n_params = sum(p.numel() for p in model.parameters())
         print_json({"model": out_dir, "params": n_params, "seconds": build_config["build_seconds"],
                     "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})

@@ -12,15 +12,10 @@ GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 def tiny_tokenizer():
     """A BPE tokenizer trained in-test on 200 bundled problems (the same code sft.py uses)."""
     import sft
-    from common import judge_answer_text, judge_segments, policy_prompt
-    from data_utils import generate_task, join_solution, split_steps
+    from data_utils import generate_task
 
     train, _ = generate_task(200, 10, seed=7)
-    head, _, tail = judge_segments(None, "x", [])
-    texts = [p["question"] for p in train] + [join_solution(*split_steps(p["answer"], strip_calc=True))
-                                              for p in train]
-    texts += [policy_prompt(None, "x"), head + tail + judge_answer_text(None, True),
-              head + tail + judge_answer_text(None, False)] * 50
+    texts = sft.tokenizer_corpus(train)
     return sft.train_tokenizer(texts, 400)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import GSM8K_DIR, ROOT
 from data_utils import (DataError, answers_match, corrupt_solution, eval_arith, extract_answer, find_equations,
                         generate_task, join_solution, label_steps, load_problems, make_problem, normalize_answer,
-                        split_steps, strip_calculator, to_step_rows, validate_file)
+                        split_steps, strip_calculator, to_step_rows)
 
 GOOD = {"question": "Tom has 3 apples. He finds 2 more. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}
 

@@ -1,0 +1,502 @@
+"""Train the policy on judged preference pairs with StepwiseDPOTrainer (a transformers.Trainer subclass).
+
+    python train_stepwise_dpo.py                                    # Step-DPO on reward_model.py's pairs
+    python train_stepwise_dpo.py --MODE=weighted --DATA=results/reference/judged/full_pairs.jsonl
+    accelerate launch --multi_gpu --num_processes 2 train_stepwise_dpo.py   # DDP (gloo on a CPU-only machine)
+
+Loss modes, with implicit rewards h = beta * (log pi(y) - log pi_ref(y)) (Rafailov et al. 2023, eq. 7):
+- step: Step-DPO (Lai et al. 2024, arXiv 2406.18629). Only the chosen and rejected step tokens are scored,
+  after the shared prompt and judge-accepted prefix; no EOS follows an intermediate step.
+- weighted: whole solutions; the log-ratio of each step is weighted by the judge: chosen step t by
+  a_t = s_t / mean(s), rejected step t by b_t = (1 - s_t) / mean(1 - s), so good chosen steps and bad
+  rejected steps count most, and equal scores give exactly plain DPO.
+- outcome: plain DPO on whole solutions (the baseline).
+Options: NLL on chosen tokens (RPO, Pang et al. 2024, arXiv 2404.19733), DPO-Positive (Pal et al. 2024,
+arXiv 2402.13228, eq. 3), IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17), LoRA through peft.
+
+Non-standard on purpose: the reference log-probs are computed once before training (exact, since the
+reference is frozen) and cached on disk, so no reference model is kept in memory; chosen and rejected share
+one forward over [prompt, chosen, rejected] with the rejected part hidden from the chosen part and its
+positions restarting after the prompt (prefix sharing, Wang & Hegde 2024, arXiv 2410.20305).
+
+Writes OUT_DIR/config.json, metrics.jsonl (one line per logging step), loss/margin/accuracy plots,
+summary.json, checkpoints (checkpoint-N/) and the final model (model/), all in Hugging Face format.
+"""
+import json
+import os
+import sys
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, encode, load_model,
+                    policy_prompt, print_json)
+from data_utils import DataError, iter_jsonl_lines, parse_json_object, split_steps
+
+# ----------------------------------------------------------------------------- tunables
+MODEL = "models/policy"           # starting policy (also the reference): folder, Hub id or .gguf
+DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, or full_pairs.jsonl rows
+MODE = "step"                     # step | weighted | outcome
+OUT_DIR = "results/reference/train"
+LOSS = "sigmoid"                  # sigmoid (DPO) | ipo
+BETA = 0.1
+NLL_WEIGHT = 0.0                  # RPO: weight of the mean NLL of chosen tokens
+DPOP_LAMBDA = 0.0                 # DPO-Positive penalty weight (0 = off)
+LR = 5e-5
+EPOCHS = 2
+MAX_STEPS = -1                    # stop after this many optimizer steps (-1 = run all EPOCHS)
+BATCH_SIZE = 32                   # per device
+GRAD_ACCUM = 1
+WARMUP_RATIO = 0.1                # share of optimizer steps spent warming up the learning rate
+WEIGHT_DECAY = 0.0
+MAX_GRAD_NORM = 1.0
+REFERENCE = "precomputed"         # precomputed (cached on disk) | live (a frozen copy, or base without LoRA)
+PREFIX_SHARING = True             # one forward over [prompt, chosen, rejected]
+LORA = False
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+LOGGING_STEPS = 5
+SAVE_STEPS = 50                   # checkpoint every N optimizer steps
+SAVE_TOTAL_LIMIT = 2
+RESUME = False                    # continue from the last checkpoint in OUT_DIR
+MAX_LEN = 512                     # tokens per sequence; longer pairs are dropped
+SEED = 0
+THREADS = 2
+DTYPE = "float32"
+TRUST_REMOTE_CODE = False
+CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
+
+STEP_KEYS = ("prompt", "initial_reason_steps", "chosen", "rejected")
+FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "rejected_step_scores", "answer")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pairs(path, mode):
+    """Rows of a pairs file, checked for the fields `mode` needs (file, line and field named on error)."""
+    need = STEP_KEYS if mode == "step" else FULL_KEYS
+    rows = []
+    for lineno, text, err in iter_jsonl_lines(path):
+        row = None
+        if err is None:
+            row, err = parse_json_object(text)
+        if err is None:
+            missing = [k for k in need if k not in row]
+            if missing:
+                hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
+                err = f"field '{missing[0]}' is missing{hint}"
+            elif mode == "step" and not all(isinstance(row[k], str) for k in need):
+                err = "fields " + ", ".join(need) + " must be strings"
+            elif mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
+                                     or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
+                err = "field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"
+        if err is not None:
+            raise DataError(f"{path}:{lineno}: {err}")
+        rows.append(row)
+    return rows
+
+
+def step_weights(scores, side, mode):
+    """Per-step weights: all 1 for `outcome`; for `weighted`, judge scores normalised to mean 1 (chosen:
+    s, rejected: 1 - s), so that equal scores give plain DPO. Unscored steps count as 0.5."""
+    if mode != "weighted" or not scores:
+        return [1.0] * len(scores)
+    s = [0.5 if x is None else float(x) for x in scores]
+    raw = s if side == "chosen" else [1.0 - x for x in s]
+    mean = sum(raw) / len(raw)
+    return [x / mean for x in raw] if mean > 0 else [1.0] * len(raw)
+
+
+def solution_tokens(tokenizer, steps, final, weights):
+    """Token ids of a whole solution (steps, final line, EOS) and the weight of each token's step; the
+    final-answer line and EOS belong to the last step."""
+    ids, w = [], []
+    for k, step in enumerate(steps):
+        piece = tokenizer(step + "\n", add_special_tokens=False)["input_ids"]
+        ids += piece
+        w += [weights[k]] * len(piece)
+    tail = tokenizer(f"#### {final}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids + tail, w + [weights[-1] if weights else 1.0] * len(tail)
+
+
+def build_features(tokenizer, row, mode):
+    """{prompt_ids, chosen_ids, rejected_ids, chosen_weights, rejected_weights} for one pair."""
+    if mode == "step":
+        prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"]) + row["initial_reason_steps"])
+        chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
+        rejected = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+                "chosen_weights": [1.0] * len(chosen), "rejected_weights": [1.0] * len(rejected)}
+    prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"]))
+    final_c = split_steps(row.get("chosen", ""))[1] or row["answer"]
+    final_r = split_steps(row.get("rejected", ""))[1] or ""
+    chosen, cw = solution_tokens(tokenizer, row["chosen_steps"], final_c,
+                                 step_weights(row["chosen_step_scores"], "chosen", mode))
+    rejected, rw = solution_tokens(tokenizer, row["rejected_steps"], final_r,
+                                   step_weights(row["rejected_step_scores"], "rejected", mode))
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "chosen_weights": cw,
+            "rejected_weights": rw}
+
+
+def collate(features, pad_id, prefix_sharing=True):
+    """A batch for StepwiseDPOTrainer.
+
+    Prefix-shared (default): each row is [prompt, chosen, rejected]. Rejected tokens do not see chosen
+    tokens and take the positions chosen tokens would have (restarting after the prompt); `part` marks
+    0 prompt / 1 chosen / 2 rejected / 3 padding and becomes the 4D mask in the model's dtype.
+    Plain: rows [prompt, chosen] then [prompt, rejected], right-padded.
+
+    Targets are aligned to the position that predicts them (position t predicts token t+1): `*_targets`,
+    `*_weights` (the step weight of each scored token, 0 elsewhere) and `*_scored` (1 where a token is
+    scored). In the shared layout the first rejected token is predicted from the last prompt position,
+    which chosen's first token also uses, so it is gathered separately (`first_rejected`, `last_prompt`)."""
+    n = len(features)
+    lengths = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
+    if prefix_sharing:
+        width = max(p + c + j for p, c, j in lengths)
+        rows = [(r, r) for r in range(n)]
+    else:
+        width = max(p + max(c, j) for p, c, j in lengths)
+        rows = [(r, n + r) for r in range(n)]
+    n_rows = n if prefix_sharing else 2 * n
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n_rows, width), dtype=torch.long)
+    part = torch.full((n_rows, width), 3, dtype=torch.long)
+    batch = {f"{side}_{what}": torch.zeros((n_rows, width), dtype=torch.long if what == "targets" else torch.float)
+             for side in ("chosen", "rejected") for what in ("targets", "weights", "scored")}
+    first_rejected, first_weight, last_prompt = [], [], []
+    for (p, c, j), f, (rc, rr) in zip(lengths, features, rows):
+        prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
+        if prefix_sharing:
+            ids[rc, : p + c + j] = torch.tensor(prompt + chosen + rejected)
+            pos[rc, : p + c] = torch.arange(p + c)
+            pos[rc, p + c: p + c + j] = torch.arange(p, p + j)
+            part[rc, :p], part[rc, p: p + c], part[rc, p + c: p + c + j] = 0, 1, 2
+            r_start, r_ids, r_w = p + c, rejected[1:], f["rejected_weights"][1:]
+            first_rejected.append(rejected[0])
+            first_weight.append(f["rejected_weights"][0])
+            last_prompt.append(p - 1)
+        else:
+            for row, completion in ((rc, chosen), (rr, rejected)):
+                ids[row, : p + len(completion)] = torch.tensor(prompt + completion)
+                pos[row, : p + len(completion)] = torch.arange(p + len(completion))
+                part[row, :p], part[row, p: p + len(completion)] = 0, 1
+            r_start, r_ids, r_w = p - 1, rejected, f["rejected_weights"]
+        batch["chosen_targets"][rc, p - 1: p - 1 + c] = torch.tensor(chosen)
+        batch["chosen_weights"][rc, p - 1: p - 1 + c] = torch.tensor(f["chosen_weights"])
+        batch["chosen_scored"][rc, p - 1: p - 1 + c] = 1.0
+        if r_ids:
+            batch["rejected_targets"][rr, r_start: r_start + len(r_ids)] = torch.tensor(r_ids)
+            batch["rejected_weights"][rr, r_start: r_start + len(r_ids)] = torch.tensor(r_w)
+            batch["rejected_scored"][rr, r_start: r_start + len(r_ids)] = 1.0
+    batch |= {"input_ids": ids, "position_ids": pos, "part": part}
+    if prefix_sharing:
+        batch |= {"first_rejected": torch.tensor(first_rejected), "first_rejected_weight": torch.tensor(first_weight),
+                  "last_prompt": torch.tensor(last_prompt)}
+    for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain"):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
+    return batch
+
+
+def attention_mask_4d(part, dtype):
+    """(batch, 1, L, L) additive mask from `part`: causal; prompt visible to all; chosen and rejected each
+    see only themselves besides the prompt; padding sees only padding."""
+    width = part.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=part.device).tril()
+    q, k = part[:, :, None], part[:, None, :]
+    visible = causal & (((k == 0) & (q != 3)) | (k == q))
+    return torch.zeros(visible.shape, dtype=dtype, device=part.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)[:, None]
+
+
+def sequence_logps(model, batch, prefix_sharing=True):
+    """Per pair: (chosen weighted sum, rejected weighted sum, chosen plain sum, rejected plain sum,
+    chosen token count, rejected token count) of log pi(token), from one forward."""
+    mask = attention_mask_4d(batch["part"], next(model.parameters()).dtype)  # model may be DDP-wrapped
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    logits = logits.float()
+    lse = logits.logsumexp(-1)                                       # (rows, L)
+    out = {}
+    for side in ("chosen", "rejected"):
+        token_logp = logits.gather(-1, batch[f"{side}_targets"][..., None]).squeeze(-1) - lse
+        weighted = (token_logp * batch[f"{side}_weights"]).sum(-1)
+        plain = (token_logp * batch[f"{side}_scored"]).sum(-1)
+        count = batch[f"{side}_scored"].sum(-1)
+        out[side] = [weighted, plain, count]
+    n = batch["chosen_targets"].shape[0] if prefix_sharing else batch["chosen_targets"].shape[0] // 2
+    if prefix_sharing:
+        rows = torch.arange(n, device=logits.device)
+        first = logits[rows, batch["last_prompt"], batch["first_rejected"]] - lse[rows, batch["last_prompt"]]
+        out["rejected"][0] = out["rejected"][0] + first * batch["first_rejected_weight"]
+        out["rejected"][1] = out["rejected"][1] + first
+        out["rejected"][2] = out["rejected"][2] + 1
+    else:
+        out["chosen"] = [x[:n] for x in out["chosen"]]
+        out["rejected"] = [x[n:] for x in out["rejected"]]
+    return {"chosen": out["chosen"][0], "rejected": out["rejected"][0], "chosen_plain": out["chosen"][1],
+            "rejected_plain": out["rejected"][1], "chosen_tokens": out["chosen"][2],
+            "rejected_tokens": out["rejected"][2]}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid",
+                    dpop_lambda=0.0, policy_chosen_plain=None, ref_chosen_plain=None):
+    """Per-pair losses and implicit rewards from (weighted) sequence log-probs.
+
+    sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))            (DPO, eq. 7)
+    ipo:     (chosen log-ratio - rejected log-ratio - 1 / (2 beta))^2                (IPO, eq. 17)
+    DPO-Positive subtracts dpop_lambda * max(0, log pi_ref(y_w) - log pi(y_w)) from the log-ratio
+    difference inside the loss (Pal et al. 2024, eq. 3), so the chosen likelihood cannot fall below the
+    reference's for free."""
+    chosen_logratio = policy_chosen - ref_chosen
+    rejected_logratio = policy_rejected - ref_rejected
+    margin = chosen_logratio - rejected_logratio
+    if dpop_lambda:
+        margin = margin - dpop_lambda * (ref_chosen_plain - policy_chosen_plain).clamp(min=0)
+    if loss_type == "sigmoid":
+        losses = -torch.nn.functional.logsigmoid(beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown LOSS {loss_type!r}; use sigmoid or ipo")
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class StepwiseDPOTrainer(Trainer):
+    """transformers.Trainer with a stepwise DPO loss. Overrides compute_loss (the loss) and log (adds the
+    buffered pair metrics, averaged over the logging window and over processes); everything else (the
+    loop, accumulation, checkpoints, resume, DDP/DeepSpeed/FSDP through accelerate) is the parent's.
+
+    `dpo`: dict with beta, loss, nll_weight, dpop_lambda, prefix_sharing, reference ('precomputed' reads
+    ref_* from the batch; 'live' uses `ref_model`, or the base with adapters disabled for a peft model)."""
+
+    def __init__(self, *args, dpo, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo, self.ref_model = dpo, ref_model
+        # the loss is already a per-pair mean; Trainer must scale it for gradient accumulation itself
+        self.model_accepts_loss_kwargs = False
+        self._metrics = {}
+
+    def reference_logps(self, model, inputs):
+        if "ref_chosen" in inputs:
+            return inputs["ref_chosen"], inputs["ref_rejected"], inputs["ref_chosen_plain"]
+        with torch.no_grad():
+            if self.ref_model is not None:
+                ref = sequence_logps(self.ref_model, inputs, self.dpo["prefix_sharing"])
+            else:
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    ref = sequence_logps(model, inputs, self.dpo["prefix_sharing"])
+        return ref["chosen"], ref["rejected"], ref["chosen_plain"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        d = self.dpo
+        policy = sequence_logps(model, inputs, d["prefix_sharing"])
+        ref_chosen, ref_rejected, ref_chosen_plain = self.reference_logps(model, inputs)
+        losses, reward_chosen, reward_rejected = preference_loss(
+            policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, d["beta"], d["loss"],
+            d["dpop_lambda"], policy["chosen_plain"], ref_chosen_plain)
+        nll = -(policy["chosen_plain"] / policy["chosen_tokens"])          # mean NLL per chosen token
+        loss = losses.mean() + d["nll_weight"] * nll.mean()
+        metrics = {"rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
+                   "rewards/margins": reward_chosen - reward_rejected,
+                   "rewards/accuracies": (reward_chosen > reward_rejected).float(),
+                   "logps/chosen": policy["chosen_plain"], "logps/rejected": policy["rejected_plain"],
+                   "nll/chosen": nll, "step/chosen_tokens": policy["chosen_tokens"],
+                   "step/rejected_tokens": policy["rejected_tokens"],
+                   "step/chosen_below_ref": (ref_chosen_plain - policy["chosen_plain"]).clamp(min=0)}
+        for name, value in metrics.items():
+            self._metrics.setdefault(name, []).append(value.detach().float().mean())
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._metrics and "loss" in logs:
+            means = torch.stack([torch.stack(v).mean() for v in self._metrics.values()])
+            means = self.accelerator.gather_for_metrics(means.to(self.accelerator.device)[None]).mean(0)
+            logs |= {name: round(float(m), 6) for name, m in zip(self._metrics, means)}
+            self._metrics = {}
+        super().log(logs, *args, **kwargs)
+
+
+class JsonlMetrics(TrainerCallback):
+    """Appends every log line to OUT_DIR/metrics.jsonl (main process only). On resume, lines past the
+    checkpoint's step are dropped first, so a resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state.global_step]
+            atomic_write_text(self.path, "".join(kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}) + "\n")
+
+
+# ----------------------------------------------------------------------------- reference, plots, main
+
+
+def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None):
+    """Reference log-probs of every pair, one pass before training; the frozen reference makes this exact.
+    Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached."""
+    from tqdm import tqdm
+
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            values = json.load(f)
+    else:
+        values = []
+        model.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(features), batch_size), desc="reference log-probs"):
+                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing)
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                out = sequence_logps(model, batch, prefix_sharing)
+                values += [list(v) for v in zip(out["chosen"].tolist(), out["rejected"].tolist(),
+                                                out["chosen_plain"].tolist())]
+        if cache_path:
+            atomic_write_json(cache_path, values)
+    for f, (c, r, cp) in zip(features, values):
+        f["ref_chosen"], f["ref_rejected"], f["ref_chosen_plain"] = c, r, cp
+
+
+def plot_training(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "loss" in r and "rewards/margins" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
+        ax.plot(steps, [r[key] for r in rows], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def data_fingerprint(features):
+    import hashlib
+    h = hashlib.sha256()
+    for f in features:
+        h.update(json.dumps([f["prompt_ids"], f["chosen_ids"], f["rejected_ids"], f["chosen_weights"],
+                             f["rejected_weights"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def last_complete_checkpoint(out_dir):
+    """The newest checkpoint-N folder whose trainer state was written (a kill during a save leaves an
+    incomplete folder behind, which must not be resumed from)."""
+    if not os.path.isdir(out_dir):
+        return None
+    done = [d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and d[11:].isdigit()
+            and os.path.exists(os.path.join(out_dir, d, "trainer_state.json"))]
+    return os.path.join(out_dir, max(done, key=lambda d: int(d[11:]))) if done else None
+
+
+def epoch_order(features, epochs, seed):
+    """All epochs laid end to end, each shuffled with its own seed, read in order: the batches are then the
+    same whatever the number of processes (accelerate gives process i every i-th batch) and on resume."""
+    import random
+
+    out = []
+    for epoch in range(epochs):
+        order = list(range(len(features)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        out += [features[i] for i in order]
+    return out
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return self.features[i]
+
+
+def main(argv):
+    from reward_model import fingerprint
+
+    cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    if cfg["MODE"] not in ("step", "weighted", "outcome"):
+        raise SystemExit(f"--MODE must be step, weighted or outcome, got {cfg['MODE']!r}")
+    if cfg["REFERENCE"] not in ("precomputed", "live"):
+        raise SystemExit(f"--REFERENCE must be precomputed or live, got {cfg['REFERENCE']!r}")
+    torch.set_num_threads(cfg["THREADS"])
+    torch.manual_seed(cfg["SEED"])
+    out = cfg["OUT_DIR"]
+    rows = load_pairs(cfg["DATA"], cfg["MODE"])
+    model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
+    features = [build_features(tokenizer, r, cfg["MODE"]) for r in rows]
+    features = [f for f in features if len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
+                <= cfg["MAX_LEN"] and f["chosen_ids"] and f["rejected_ids"]]
+    if not features:
+        raise SystemExit(f"no usable pairs in {cfg['DATA']} (empty, or all longer than MAX_LEN={cfg['MAX_LEN']})")
+    ref_model = None
+    if cfg["REFERENCE"] == "precomputed":
+        key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(features)}-{int(cfg['PREFIX_SHARING'])}"
+        precompute_reference(model, features, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
+                             os.path.join("cache", "reference", f"{key}.json"))
+    elif not cfg["LORA"]:
+        ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
+        ref_model.requires_grad_(False)
+    if cfg["LORA"]:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=0.0,
+                                                 target_modules=cfg["LORA_TARGETS"].split(","),
+                                                 task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=cfg["BATCH_SIZE"], gradient_accumulation_steps=cfg["GRAD_ACCUM"],
+        learning_rate=cfg["LR"], num_train_epochs=1, max_steps=cfg["MAX_STEPS"], train_sampling_strategy="sequential", warmup_steps=cfg["WARMUP_RATIO"],
+        weight_decay=cfg["WEIGHT_DECAY"], max_grad_norm=cfg["MAX_GRAD_NORM"], lr_scheduler_type="linear",
+        logging_steps=cfg["LOGGING_STEPS"], save_steps=cfg["SAVE_STEPS"], save_total_limit=cfg["SAVE_TOTAL_LIMIT"],
+        seed=cfg["SEED"], data_seed=cfg["SEED"], remove_unused_columns=False, report_to=[], use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False)
+    trainer = StepwiseDPOTrainer(
+        model=model, args=args, train_dataset=PairDataset(epoch_order(features, cfg["EPOCHS"], cfg["SEED"])),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"]),
+        dpo={"beta": cfg["BETA"], "loss": cfg["LOSS"], "nll_weight": cfg["NLL_WEIGHT"],
+             "dpop_lambda": cfg["DPOP_LAMBDA"], "prefix_sharing": cfg["PREFIX_SHARING"]},
+        ref_model=ref_model, callbacks=[JsonlMetrics(os.path.join(out, "metrics.jsonl"))])
+    if trainer.is_world_process_zero():
+        atomic_write_json(os.path.join(out, "config.json"), cfg | {"n_pairs": len(features), "command": command_line()})
+    checkpoint = last_complete_checkpoint(out) if cfg["RESUME"] else None
+    if checkpoint and trainer.is_world_process_zero():
+        print_json({"resuming_from": checkpoint})
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(os.path.join(out, "model"))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(os.path.join(out, "model"))
+        plot_training(os.path.join(out, "metrics.jsonl"), os.path.join(out, "training.png"))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            logged = [json.loads(line) for line in f if line.strip()]
+        last = next((r for r in reversed(logged) if "rewards/margins" in r), {})
+        summary = {"mode": cfg["MODE"], "n_pairs": len(features), "steps": result.global_step,
+                   "train_loss": result.training_loss, "last_logged": last}
+        atomic_write_json(os.path.join(out, "summary.json"), summary)
+        print_json(summary)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
