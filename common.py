@@ -4,7 +4,6 @@ Every prompt the pipeline shows a model is defined here once and imported everyw
 """
 import json
 import os
-import sys
 import tempfile
 
 # ----------------------------------------------------------------------------- config overrides
@@ -84,9 +83,10 @@ def print_json(obj):
     print(json.dumps(obj), flush=True)
 
 
-def command_line():
-    """The command that produced a result, for the record."""
-    return " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+def command_line(script, argv):
+    """The command that produced a result, for the record: `python SCRIPT ARGS` (the same whether the
+    script ran as a program or its main(argv) was called)."""
+    return " ".join(["python", os.path.relpath(script)] + list(argv))
 
 
 # ----------------------------------------------------------------------------- prompts

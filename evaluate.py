@@ -216,9 +216,9 @@ def main(argv):
                 "n_steps": quality["n_steps"], "n_wrong_steps": quality["n_wrong_steps"],
                 "unparseable": quality["unparseable"], "policy": cfg["MODEL"], "judge": judge.id,
                 "threshold": cfg["THRESHOLD"], "seed": cfg["SEED"], "temperature": cfg["TEMPERATURE"],
-                "command": command_line()})
+                "command": command_line(__file__, argv)})
     metrics["seconds"] = round(time.time() - t0, 1)
-    atomic_write_json(os.path.join(out, "config.json"), cfg | {"command": command_line()})
+    atomic_write_json(os.path.join(out, "config.json"), cfg | {"command": command_line(__file__, argv)})
     atomic_write_jsonl(os.path.join(out, "samples.jsonl"), records)
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     plot_passk(metrics, os.path.join(out, "passk.png"), f"{cfg['MODEL']} on {cfg['TEST_FILE']}")

@@ -68,7 +68,7 @@ def main(argv):
     run = cfg["RUN_DIR"]
     start, trained = headline(f"{run}/eval_start/metrics.json"), headline(f"{run}/eval_trained/metrics.json")
     summary = {"start": start, "trained": trained, "mode": cfg["MODE"], "stage_seconds": timings,
-               "wall_seconds": round(time.time() - t0, 1), "command": command_line()}
+               "wall_seconds": round(time.time() - t0, 1), "command": command_line(__file__, argv)}
     atomic_write_json(os.path.join(run, "summary.json"), summary)
     text = table(start, trained)
     atomic_write_text(os.path.join(run, "summary.md"),

@@ -280,6 +280,10 @@ class DiskCache:
     def __init__(self, path):
         self.path, self.entries = path, {}
         if os.path.exists(path):
+            with open(path, "rb+") as f:  # drop a line cut short by a kill, so appends start on a new line
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
@@ -296,9 +300,13 @@ class DiskCache:
         return self.entries[key]
 
     def put_many(self, items):
+        """Store new entries. A key already present keeps its first value: the same solution scored again
+        in another batch differs in the last float bits, and a run must read back what it used."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             for key, value in items:
+                if key in self.entries:
+                    continue
                 f.write(json.dumps({"key": key, "value": value}) + "\n")
                 self.entries[key] = value
             f.flush()
@@ -490,7 +498,7 @@ def main(argv):
     # what this run computed rather than found in the cache (differs between a resumed and a fresh run)
     run_log = {"computed": {"samples": n_sampled, "scored": n_scored, "rectify_samples": n_rect_sampled,
                             "rectify_scored": n_rect_scored}, "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(os.path.join(out, "config.json"), cfg | {"judge_id": judge.id, "command": command_line()})
+    atomic_write_json(os.path.join(out, "config.json"), cfg | {"judge_id": judge.id, "command": command_line(__file__, argv)})
     atomic_write_jsonl(os.path.join(out, "judged.jsonl"), judged)
     atomic_write_jsonl(os.path.join(out, "step_pairs.jsonl"), [row for row, _ in step_pairs])
     atomic_write_jsonl(os.path.join(out, "step_pairs_meta.jsonl"), [meta for _, meta in step_pairs])

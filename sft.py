@@ -287,7 +287,7 @@ def main(argv):
     plans = {}
     for name in targets:
         keys = SHARED_KEYS + (POLICY_KEYS if name == "policy" else JUDGE_KEYS)
-        build_config = {k: cfg[k] for k in keys} | {"data_sha256": data_hash, "command": command_line()}
+        build_config = {k: cfg[k] for k in keys} | {"data_sha256": data_hash, "command": command_line(__file__, argv)}
         out_dir = os.path.join(cfg["MODELS_DIR"], name)
         if not cfg["FORCE"] and up_to_date(out_dir, build_config):
             print_json({"model": out_dir, "status": "up to date, skipped (--FORCE=true rebuilds)"})

@@ -480,7 +480,7 @@ def main(argv):
              "dpop_lambda": cfg["DPOP_LAMBDA"], "prefix_sharing": cfg["PREFIX_SHARING"]},
         ref_model=ref_model, callbacks=[JsonlMetrics(os.path.join(out, "metrics.jsonl"))])
     if trainer.is_world_process_zero():
-        atomic_write_json(os.path.join(out, "config.json"), cfg | {"n_pairs": len(features), "command": command_line()})
+        atomic_write_json(os.path.join(out, "config.json"), cfg | {"n_pairs": len(features), "command": command_line(__file__, argv)})
     checkpoint = last_complete_checkpoint(out) if cfg["RESUME"] else None
     if checkpoint and trainer.is_world_process_zero():
         print_json({"resuming_from": checkpoint})

@@ -86,6 +86,8 @@ def test_disk_cache_survives_a_cut_line(tmp_path):
         f.write('{"key": "c", "value": [0.')  # a kill mid-write
     again = rm.DiskCache(str(path))
     assert again.entries == {"a": [0.5], "b": [0.25, 1.0]} and "c" not in again
+    again.put_many([("a", [0.50001]), ("c", [0.75])])  # a key seen before keeps its first value
+    assert rm.DiskCache(str(path)).entries == {"a": [0.5], "b": [0.25, 1.0], "c": [0.75]}
 
 
 def test_chunked_cache_computes_only_missing_chunks(tmp_path):

@@ -113,7 +113,7 @@ def test_committed_judge_separates_gold_from_corrupted_steps():
     yes, no = answer_token_ids(tok, "Yes"), answer_token_ids(tok, "No")
     rng = random.Random(0)
     gold_scores, bad_scores = [], []
-    for p in load_problems(os.path.join(ROOT, "data", "test.jsonl"))[:40]:
+    for p in load_problems(os.path.join(ROOT, "data", "test.jsonl"))[:200]:
         steps, final = split_steps(p["answer"], strip_calc=True)
         bad, _, j = corrupt_solution(steps, final, rng, p["question"])
         packs = [pack_judge(tok, p["question"], steps), pack_judge(tok, p["question"], bad)]
@@ -124,13 +124,20 @@ def test_committed_judge_separates_gold_from_corrupted_steps():
             i = packs[r][3][j]
             p_yes, p_no = logp[r, i, yes].exp().sum(), logp[r, i, no].exp().sum()
             dest.append(float(p_yes / (p_yes + p_no)))
-    assert sum(g > b for g, b in zip(gold_scores, bad_scores)) >= 30
+    # the step where the error was planted: a trained judge ranks the gold step above it far more often
+    # than the 50% of an untrained one
+    assert sum(g > b for g, b in zip(gold_scores, bad_scores)) >= 0.65 * len(gold_scores)
 
 
 def test_evaluate_main_writes_run_folder(tmp_path):
     out = tmp_path / "eval"
     evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", "--N_PROBLEMS=6", "--K=2",
-                   f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120"])
+                   f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120", f"--CACHE_DIR={tmp_path / 'cache'}",
+                   f"--JUDGE_EVAL_FILE={tmp_path / 'judge_eval.json'}"])
+    judge_eval = json.loads((tmp_path / "judge_eval.json").read_text())
+    assert set(judge_eval["best_of_n"]) == {"n", "judge_min", "judge_prod", "judge_last", "majority", "greedy",
+                                            "random"}
+    assert 0.0 <= judge_eval["step_auroc"] <= 1.0 and "evaluate" in judge_eval["command"]
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
