@@ -39,9 +39,9 @@ DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, or
 MODE = "step"                     # step | weighted | outcome
 OUT_DIR = "results/reference/train"
 LOSS = "sigmoid"                  # sigmoid (DPO) | ipo
-BETA = 0.1
-NLL_WEIGHT = 0.0                  # RPO: weight of the mean NLL of chosen tokens
-DPOP_LAMBDA = 0.0                 # DPO-Positive penalty weight (0 = off)
+BETA = 0.3
+NLL_WEIGHT = 1.0                  # RPO: weight of the mean NLL of chosen tokens
+DPOP_LAMBDA = 50.0                # DPO-Positive penalty weight (0 = off); step pairs differ in a token or two
 LR = 5e-5
 EPOCHS = 2
 MAX_STEPS = -1                    # stop after this many optimizer steps (-1 = run all EPOCHS)
