@@ -219,3 +219,26 @@ def test_load_pairs_names_the_missing_field(tmp_path):
         T.load_pairs(str(path), "step")
     with pytest.raises(T.DataError, match=rf"{path}:1: field 'chosen_steps' is missing"):
         T.load_pairs(str(path), "weighted")
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_tokenizer, tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(tiny_model)
+    model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=["q_proj", "v_proj"],
+                                                                 task_type="CAUSAL_LM"))
+    feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
+    batch = T.collate(feats, tiny_tokenizer.pad_token_id, True)
+    trainer = make_trainer(model, tiny_tokenizer, feats, {}, max_steps=3, lr_scheduler_type="constant",
+                           learning_rate=1e-2, disable_tqdm=True)
+    base_before = {k: v.clone() for k, v in model.named_parameters() if "lora" not in k}
+    trainer.train()
+    with torch.no_grad():
+        ref_chosen, ref_rejected, _ = trainer.reference_logps(model, batch)
+        expected = T.sequence_logps(base, batch)
+        trained = T.sequence_logps(model, batch)
+    assert torch.allclose(ref_chosen, expected["chosen"], atol=1e-5)
+    assert torch.allclose(ref_rejected, expected["rejected"], atol=1e-5)
+    assert not torch.allclose(trained["chosen"], expected["chosen"], atol=1e-4)   # the adapters learned
+    assert all(torch.equal(v, base_before[k]) for k, v in model.named_parameters() if "lora" not in k)
