@@ -91,10 +91,9 @@ def problem_row_errors(obj):
     return errors
 
 
-def read_jsonl(path, row_errors=None):
-    """All rows of a JSONL file as dicts. Raises DataError naming file, line and field on the first bad row.
-    `row_errors(obj) -> [reason]` adds a schema check."""
-    rows = []
+def iter_checked_rows(path, row_errors=None):
+    """Yield (line_number, obj, reason) per non-blank line: reason is None for a good row, else why it is
+    bad (not UTF-8, not a JSON object, or what `row_errors(obj) -> [reason]` finds)."""
     for lineno, text, err in iter_jsonl_lines(path):
         obj = None
         if err is None:
@@ -102,6 +101,14 @@ def read_jsonl(path, row_errors=None):
         if err is None and row_errors is not None:
             errs = row_errors(obj)
             err = "; ".join(errs) if errs else None
+        yield lineno, obj, err
+
+
+def read_jsonl(path, row_errors=None):
+    """All rows of a JSONL file as dicts. Raises DataError naming file, line and field on the first bad row.
+    `row_errors(obj) -> [reason]` adds a schema check."""
+    rows = []
+    for lineno, obj, err in iter_checked_rows(path, row_errors):
         if err is not None:
             raise DataError(f"{path}:{lineno}: {err}")
         rows.append(obj)
@@ -116,14 +123,8 @@ def load_problems(path):
 def validate_file(path, out=sys.stdout):
     """Print `FILE:LINE: reason` per bad row, then a JSON summary line. Returns the summary dict."""
     n_rows, n_bad, step_counts = 0, 0, []
-    for lineno, text, err in iter_jsonl_lines(path):
+    for lineno, obj, err in iter_checked_rows(path, problem_row_errors):
         n_rows += 1
-        obj = None
-        if err is None:
-            obj, err = parse_json_object(text)
-        if err is None:
-            errs = problem_row_errors(obj)
-            err = "; ".join(errs) if errs else None
         if err is not None:
             n_bad += 1
             print(f"{path}:{lineno}: {err}", file=out)

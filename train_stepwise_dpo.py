@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, encode, load_model,
                     policy_prompt, print_json)
-from data_utils import DataError, iter_jsonl_lines, parse_json_object, split_steps
+from data_utils import read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"           # starting policy (also the reference): folder, Hub id or .gguf
@@ -77,25 +77,20 @@ FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "
 def load_pairs(path, mode):
     """Rows of a pairs file, checked for the fields `mode` needs (file, line and field named on error)."""
     need = STEP_KEYS if mode == "step" else FULL_KEYS
-    rows = []
-    for lineno, text, err in iter_jsonl_lines(path):
-        row = None
-        if err is None:
-            row, err = parse_json_object(text)
-        if err is None:
-            missing = [k for k in need if k not in row]
-            if missing:
-                hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
-                err = f"field '{missing[0]}' is missing{hint}"
-            elif mode == "step" and not all(isinstance(row[k], str) for k in need):
-                err = "fields " + ", ".join(need) + " must be strings"
-            elif mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
-                                     or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
-                err = "field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"
-        if err is not None:
-            raise DataError(f"{path}:{lineno}: {err}")
-        rows.append(row)
-    return rows
+
+    def pair_errors(row):
+        missing = [k for k in need if k not in row]
+        if missing:
+            hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
+            return [f"field '{missing[0]}' is missing{hint}"]
+        if mode == "step" and not all(isinstance(row[k], str) for k in need):
+            return ["fields " + ", ".join(need) + " must be strings"]
+        if mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
+                               or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
+            return ["field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"]
+        return []
+
+    return read_jsonl(path, pair_errors)
 
 
 def step_weights(scores, side, mode):

@@ -9,6 +9,7 @@ import torch
 import evaluate
 import reward_model as rm
 from common import judge_segments
+from conftest import completions_reply, reply_with_json
 
 
 def test_aggregate_and_first_error():
@@ -149,12 +150,7 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
             self.send_response(int(action[4:]))
             self.end_headers()
             return
-        payload = b"{broken" if action == "garbage" else json.dumps({"choices": [{"text": " Yes", "logprobs": {
-            "top_logprobs": [{" Yes": math.log(0.9), " No": math.log(0.1)}]}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload)
+        reply_with_json(self, b"{broken" if action == "garbage" else completions_reply(0.9))
 
     def log_message(self, *args):
         pass

@@ -2,7 +2,6 @@
 import hashlib
 import http.server
 import json
-import math
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, completions_reply, reply_with_json
 
 ARGS = ["--N_PROBLEMS=12", "--K=4", "--CHUNK=3", "--RECTIFY_SAMPLES=2", "--MAX_NEW_TOKENS=120"]
 OUTPUTS = ["judged.jsonl", "step_pairs.jsonl", "step_pairs_meta.jsonl", "full_pairs.jsonl", "counts.json"]
@@ -109,12 +108,7 @@ class SlowJudge(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(0.01)
         p_yes = 0.05 + 0.9 * (int(hashlib.sha256(body["prompt"].encode()).hexdigest()[:6], 16) / 0xFFFFFF)
-        payload = json.dumps({"choices": [{"text": " Yes", "logprobs": {"top_logprobs": [
-            {" Yes": math.log(p_yes), " No": math.log(1 - p_yes)}]}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload)
+        reply_with_json(self, completions_reply(p_yes))
 
     def log_message(self, *args):
         pass

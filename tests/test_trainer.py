@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 import train_stepwise_dpo as T
 from common import encode, policy_prompt
+from data_utils import DataError
 
 
 def test_preference_loss_by_hand():
@@ -215,9 +216,9 @@ def test_accumulation_matches_one_big_batch(tiny_tokenizer, tiny_model):
 def test_load_pairs_names_the_missing_field(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(STEP_ROWS[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
-    with pytest.raises(T.DataError, match=rf"{path}:2: field 'initial_reason_steps' is missing"):
+    with pytest.raises(DataError, match=rf"{path}:2: field 'initial_reason_steps' is missing"):
         T.load_pairs(str(path), "step")
-    with pytest.raises(T.DataError, match=rf"{path}:1: field 'chosen_steps' is missing"):
+    with pytest.raises(DataError, match=rf"{path}:1: field 'chosen_steps' is missing"):
         T.load_pairs(str(path), "weighted")
 
 
