@@ -64,6 +64,9 @@ def atomic_write_text(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly created file, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -151,19 +154,62 @@ def encode(tokenizer, text):
     return ids
 
 
-def load_model(name_or_path, dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a Hub id, a local folder, or a GGUF file (dequantized by transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(name_or_path, trust_remote_code):
+    """(path, from_pretrained kwargs): a .gguf file becomes its folder plus gguf_file=."""
     path, kwargs = str(name_or_path), {"trust_remote_code": trust_remote_code}
     if path.endswith(".gguf"):
         path, kwargs["gguf_file"] = os.path.split(path)
+    return path, kwargs
+
+
+def load_tokenizer(name_or_path, trust_remote_code=False):
+    """The tokenizer of a Hub id, a local folder or a GGUF file, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = _source(name_or_path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
-    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_device():
+    """This process's GPU (cuda:LOCAL_RANK, as accelerate launch numbers them) when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=None):
+    """(model, tokenizer) from a Hub id, a local folder, or a GGUF file (dequantized by transformers), moved
+    to `device` when one is given. A folder holding a LoRA adapter (adapter_config.json, as
+    train_stepwise_dpo.py saves with LORA=true) loads its base model, then the adapter, merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter = os.path.join(str(name_or_path), "adapter_config.json")
+    if os.path.isfile(adapter):
+        from peft import PeftModel
+
+        with open(adapter) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        model, tokenizer = load_model(base, dtype, trust_remote_code, device)
+        model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
+        return model.eval(), tokenizer
+    path, kwargs = _source(name_or_path, trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if "gguf_file" in kwargs:  # plain dense weights (trainable, saveable), never GGUF blocks left packed
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    # weights only from safetensors files (never unpickled); a GGUF file is its own format
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 use_safetensors=None if "gguf_file" in kwargs else True, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 

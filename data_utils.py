@@ -543,8 +543,10 @@ def main(argv):
         atomic_write_jsonl(cfg["TEST_FILE"], test)
         print_json({"wrote": [cfg["TRAIN_FILE"], cfg["TEST_FILE"]], "train": len(train), "test": len(test)})
         return
-    for path in (cfg["TRAIN_FILE"], cfg["TEST_FILE"]):
-        rows = to_step_rows(load_problems(path), cfg["STEP_DELIMITER"], cfg["STRIP_CALCULATOR"])
+    paths = (cfg["TRAIN_FILE"], cfg["TEST_FILE"])
+    problems = [load_problems(path) for path in paths]  # every input checked before anything is written
+    for path, rows in zip(paths, problems):
+        rows = to_step_rows(rows, cfg["STEP_DELIMITER"], cfg["STRIP_CALCULATOR"])
         out = path.replace(".jsonl", "_steps.jsonl")
         atomic_write_jsonl(out, rows)
         print_json({"wrote": out, "rows": len(rows)})

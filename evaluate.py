@@ -16,8 +16,8 @@ import time
 from collections import Counter
 from math import comb
 
-from common import (atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, load_model,
-                    policy_prompt, print_json, sample)
+from common import (atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, default_device,
+                    load_model, policy_prompt, print_json, sample)
 from data_utils import answers_match, extract_answer, label_steps, load_problems, normalize_answer, split_steps
 from reward_model import DiskCache, aggregate, first_error, make_judge, score_solutions
 
@@ -100,6 +100,34 @@ def auroc(scores, labels):
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def average_ranks(values):
+    """Ranks 1..n of `values`, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks, i = [0.0] * len(values), 0
+    while i < len(order):
+        j = i
+        while j < len(order) and values[order[j]] == values[order[i]]:
+            j += 1
+        for k in order[i:j]:
+            ranks[k] = (i + 1 + j) / 2
+        i = j
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (ties handled); None when
+    either list is constant or shorter than 2."""
+    if len(a) != len(b):
+        raise ValueError(f"lists of different lengths: {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return None
+    ra, rb = average_ranks(a), average_ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va and vb else None
+
+
 def processbench_f1(predicted, reference):
     """ProcessBench (Zheng et al. 2024, arXiv 2412.06559): first-error indices (-1 = no error); accuracy on
     erroneous and on correct solutions, and their harmonic mean."""
@@ -172,13 +200,20 @@ def plot_passk(metrics, path, title):
     plt.close(fig)
 
 
+def greedy_solutions(model, tokenizer, problems, max_new_tokens=200, batch_size=64, desc="greedy"):
+    """(greedy completion per problem, greedy accuracy)."""
+    prompts = [policy_prompt(tokenizer, p["question"]) for p in problems]
+    greedy = [row[0] for row in sample(model, tokenizer, prompts, n=1, temperature=0.0,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)]
+    ok = [answers_match(extract_answer(g), split_steps(p["answer"])[1]) for g, p in zip(greedy, problems)]
+    return greedy, sum(ok) / len(problems)
+
+
 def evaluate_policy(model, tokenizer, problems, cfg, desc=""):
     """(metrics, per-problem records) for a loaded policy."""
     prompts = [policy_prompt(tokenizer, p["question"]) for p in problems]
     gold = [split_steps(p["answer"])[1] for p in problems]
-    greedy = [row[0] for row in sample(model, tokenizer, prompts, n=1, temperature=0.0,
-                                       max_new_tokens=cfg["MAX_NEW_TOKENS"], batch_size=cfg["BATCH_SIZE"],
-                                       desc=f"{desc}greedy")]
+    greedy, _ = greedy_solutions(model, tokenizer, problems, cfg["MAX_NEW_TOKENS"], cfg["BATCH_SIZE"], f"{desc}greedy")
     samples = sample(model, tokenizer, prompts, n=cfg["K"], temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"],
                      max_new_tokens=cfg["MAX_NEW_TOKENS"], batch_size=cfg["BATCH_SIZE"], seed=cfg["SEED"],
                      desc=f"{desc}samples")
@@ -197,7 +232,7 @@ def main(argv):
     problems = load_problems(cfg["TEST_FILE"])
     if cfg["N_PROBLEMS"]:
         problems = problems[: cfg["N_PROBLEMS"]]
-    model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
+    model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], default_device())
     metrics, records = evaluate_policy(model, tokenizer, problems, cfg)
     out = cfg["OUT_DIR"]
     if cfg["JUDGE"]:

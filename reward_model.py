@@ -22,23 +22,30 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 from common import (JUDGE_HEADER, JUDGE_NO, JUDGE_STEP, JUDGE_SUFFIX, JUDGE_YES, answer_token_ids,
-                    atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, judge_segments,
-                    load_model, pack_judge, packed_batch, policy_prompt, print_json, sample)
-from data_utils import answers_match, join_solution, load_problems, split_steps
+                    atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, default_device,
+                    judge_segments, load_model, load_tokenizer, pack_judge, packed_batch, policy_prompt,
+                    print_json, sample, truncate_solution)
+from data_utils import answers_match, join_solution, label_steps, load_problems, split_steps
 
 # ----------------------------------------------------------------------------- tunables
-POLICY = "models/policy"          # local folder, Hub id or .gguf file
-JUDGE = "models/judge"            # the same, or the base URL of an OpenAI-compatible server (http://...)
+POLICY = "models/policy"          # local folder, Hub id, .gguf file, or the base URL of an OpenAI-compatible server
+POLICY_MODEL_NAME = ""            # served policy: model name sent to the server
+POLICY_TOKENIZER = ""             # served policy: tokenizer whose chat template renders the prompt ("" = plain)
+JUDGE = "models/judge"            # the same, the base URL of an OpenAI-compatible server (http://...), or
+                                  # oracle:data/train.jsonl (reference labels instead of a judge: a control)
 JUDGE_MODEL_NAME = ""             # model name sent to the server
 JUDGE_TOKENIZER = ""              # server judge: tokenizer whose chat template renders the prompt ("" = plain)
-JUDGE_API_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the server's API key, if it needs one
+JUDGE_API_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the servers' API key, if they need one
 HTTP_TIMEOUT = 30.0               # seconds per request
 HTTP_RETRIES = 4                  # retries after the first try (connection errors, timeouts, 429, 5xx)
+HTTP_WORKERS = 1                  # requests in flight at once (a vLLM server batches them)
+JUDGE_LOGPROBS = 5                # top log-probabilities asked of a served judge (vLLM allows up to 20)
 TRAIN_FILE = "data/train.jsonl"
 FIRST_PROBLEM = 4000              # skip the problems the policy was supervised on (sft.SFT_GOLD_SIZE)
 N_PROBLEMS = 1000
@@ -68,7 +75,8 @@ TEMPLATE_ID = hashlib.sha256(json.dumps([JUDGE_HEADER, JUDGE_STEP, JUDGE_SUFFIX,
 
 def aggregate(scores, how):
     """Solution score from step scores: min and prod (Lightman et al. 2023, arXiv 2305.20050), mean, last.
-    A solution without steps scores 0."""
+    Unscored steps (None: the judge's reply was neither Yes nor No) are left out; no scores give 0."""
+    scores = [s for s in scores if s is not None]
     if not scores:
         return 0.0
     if how == "min":
@@ -83,15 +91,24 @@ def aggregate(scores, how):
 
 
 def first_error(scores, threshold):
-    """Index of the first step scored under `threshold` (ProcessBench's label convention), -1 if none."""
-    return next((k for k, s in enumerate(scores) if s < threshold), -1)
+    """Index of the first step scored under `threshold` (ProcessBench's label convention), -1 if none.
+    An unscored step (None) is not an error."""
+    return next((k for k, s in enumerate(scores) if s is not None and s < threshold), -1)
 
 
 # ----------------------------------------------------------------------------- judges
 
 
-class JudgeError(RuntimeError):
+class ServerError(RuntimeError):
+    """An OpenAI-compatible server could not answer after bounded retries, or refused the request."""
+
+
+class JudgeError(ServerError):
     """The judge could not score a step after bounded retries."""
+
+
+class PolicyError(ServerError):
+    """A served policy could not sample after bounded retries."""
 
 
 def yes_probability(logp_yes, logp_no):
@@ -120,6 +137,20 @@ class LocalJudge:
         lse_no = logp[:, self.no].logsumexp(-1)
         return [yes_probability(a, b) for a, b in zip(lse_yes.tolist(), lse_no.tolist())]
 
+    def answer_logits(self, ids, mask, pos, rows, cols):
+        """Logits at the (rows, cols) answer positions only. The vocabulary projection runs on those few
+        positions rather than on every token of the packed sequences (with a 150k vocabulary the full
+        logits of one 8-step pack take hundreds of MB); models whose head does more than a linear map
+        (logit soft-capping or scaling) take the plain full-logits path."""
+        config = self.model.config
+        plain_head = not any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale",
+                                                                  "logits_scaling", "output_multiplier"))
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        if plain_head and decoder is not None and head is not None:
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            return head(hidden[rows, cols])
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[rows, cols]
+
     def score(self, items):
         """items: [(question, steps)] -> [{"scores": [float per step], "raw": None}]."""
         torch = self.torch
@@ -130,9 +161,13 @@ class LocalJudge:
                 for start in range(0, len(packs), self.batch_size):
                     batch = packs[start:start + self.batch_size]
                     ids, pos, mask = packed_batch(batch, self.tokenizer.pad_token_id, self.model.dtype)
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-                    for r, p in enumerate(batch):
-                        out.append(self._scores(logits[r, p[3]]) if p[3] else [])
+                    ids, pos, mask = ids.to(self.model.device), pos.to(self.model.device), mask.to(self.model.device)
+                    rows = torch.tensor([r for r, p in enumerate(batch) for _ in p[3]], dtype=torch.long)
+                    cols = torch.tensor([i for p in batch for i in p[3]], dtype=torch.long)
+                    logits = self.answer_logits(ids, mask, pos, rows, cols)
+                    counts = [len(p[3]) for p in batch]
+                    for chunk in logits.split(counts):
+                        out.append(self._scores(chunk) if len(chunk) else [])
             else:
                 rows = [(i, step_prompt_ids(p, k)) for i, p in enumerate(packs) for k in range(len(p[3]))]
                 flat = []
@@ -144,6 +179,7 @@ class LocalJudge:
                     for r, x in enumerate(batch):
                         ids[r, width - len(x):], mask[r, width - len(x):] = torch.tensor(x), 1
                     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                    ids, pos, mask = ids.to(self.model.device), pos.to(self.model.device), mask.to(self.model.device)
                     logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                         logits_to_keep=1).logits[:, -1]
                     flat += self._scores(logits)
@@ -160,23 +196,27 @@ def step_prompt_ids(pack, k):
     return [t for i, (t, g) in enumerate(zip(ids, groups)) if i <= answer_index[k] and g in (0, k + 1)]
 
 
-class HTTPJudge:
-    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server, hosted APIs) as judge: one
-    token, temperature 0, top log-probabilities. The prompt is rendered here (with `tokenizer`'s chat
-    template when given) and sent raw, so that a server scores the same text a local judge would."""
+def completions_url(base_url):
+    """The /v1/completions address of a server given by its base URL (with or without /v1)."""
+    base = base_url.rstrip("/")
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
 
-    def __init__(self, base_url, model_name="", tokenizer=None, api_key=None, timeout=30.0, retries=4,
-                 backoff=0.5):
-        self.url = base_url.rstrip("/") + ("/completions" if base_url.rstrip("/").endswith("/v1")
-                                           else "/v1/completions")
-        self.model_name, self.tokenizer, self.api_key = model_name, tokenizer, api_key
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.id = f"{base_url}#{model_name}"
 
-    def request(self, prompt):
-        """The parsed JSON reply, after up to `retries` retries with exponential backoff."""
-        body = json.dumps({"model": self.model_name, "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                           "logprobs": 5}).encode()
+class CompletionsClient:
+    """POSTs to an OpenAI-compatible /v1/completions endpoint with bounded retries and exponential backoff
+    (connection errors, timeouts, 429, 5xx and malformed replies are retried; other 4xx are not).
+    `workers` requests run at once (a server such as vLLM batches them); results keep their order."""
+
+    role, error = "server", ServerError
+
+    def __init__(self, base_url, model_name="", api_key=None, timeout=30.0, retries=4, backoff=0.5, workers=1):
+        self.url = completions_url(base_url)
+        self.model_name, self.api_key = model_name, api_key
+        self.timeout, self.retries, self.backoff, self.workers = timeout, retries, backoff, max(1, workers)
+
+    def post(self, fields):
+        """The parsed JSON reply to {"model": model_name, **fields}."""
+        body = json.dumps({"model": self.model_name, **fields}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -195,24 +235,97 @@ class HTTPJudge:
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"judge server {self.url} refused the request: {last}") from None
+                    raise self.error(f"{self.role} {self.url} refused the request: {last}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 last = f"malformed JSON ({e})"
-        raise JudgeError(f"judge server {self.url} failed after {self.retries + 1} tries: {last}")
+        raise self.error(f"{self.role} {self.url} failed after {self.retries + 1} tries: {last}")
+
+    def post_all(self, requests):
+        """Replies to a list of request bodies, in order."""
+        if self.workers == 1 or len(requests) < 2:
+            return [self.post(r) for r in requests]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self.post, requests))
+
+
+class HTTPJudge(CompletionsClient):
+    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server, hosted APIs) as judge: one
+    token, temperature 0, top log-probabilities. The prompt is rendered here (with `tokenizer`'s chat
+    template when given) and sent raw, so that a server scores the same text a local judge would."""
+
+    role, error = "judge server", JudgeError
+    cache, earlier, cache_lock = None, frozenset(), threading.Lock()
+
+    def __init__(self, base_url, model_name="", tokenizer=None, api_key=None, timeout=30.0, retries=4,
+                 backoff=0.5, logprobs=5, workers=1):
+        super().__init__(base_url, model_name, api_key, timeout, retries, backoff, workers)
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.id = f"{base_url}#{model_name}"
+
+    def keep_replies(self, cache):
+        """Store every reply in `cache` (a DiskCache) as it arrives and reuse the replies it held before this
+        run, so that a rerun after a failure or a kill asks the server only for the steps not scored yet."""
+        if cache is not self.cache:
+            self.cache, self.earlier = cache, frozenset(cache.entries)
+
+    def post(self, fields):
+        """One reply, checked for the shape parse_reply reads, and kept (see keep_replies)."""
+        key = cache_key("judge-reply", self.id, fields)
+        if key in self.earlier:
+            return self.cache[key]
+        reply = super().post(fields)
+        try:
+            parse_reply(reply)
+        except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError):
+            raise JudgeError(f"judge server {self.url} sent a reply of unexpected shape: "
+                             f"{json.dumps(reply)[:200]}") from None
+        if self.cache is not None:
+            with self.cache_lock:
+                self.cache.put_many([(key, reply)])
+        return reply
+
+    def fields(self, prompt):
+        return {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": self.logprobs}
+
+    def request(self, prompt):
+        """The parsed JSON reply for one judge prompt, after up to `retries` retries with backoff."""
+        return self.post(self.fields(prompt))
 
     def score(self, items):
-        out = []
+        prompts = []
         for question, steps in items:
             head, texts, tail = judge_segments(self.tokenizer, question, steps)
-            scores, raws = [], []
-            for k in range(len(steps)):
-                reply = self.request(head + "".join(texts[: k + 1]) + tail)
-                scores.append(parse_reply(reply))
-                raws.append(reply)
-            out.append({"scores": scores, "raw": raws})
+            prompts += [head + "".join(texts[: k + 1]) + tail for k in range(len(steps))]
+        replies = iter(self.post_all([self.fields(p) for p in prompts]))
+        out = []
+        for _, steps in items:
+            raws = [next(replies) for _ in steps]
+            out.append({"scores": [parse_reply(r) for r in raws], "raw": raws})
         return out
+
+
+class HTTPPolicy(CompletionsClient):
+    """A policy served behind an OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server): one
+    request per sample with its own seed (seeds[i] * 1_000_003 + j, as the local sampler), so a rerun
+    draws the same samples on a server that honours per-request seeds. Prompts arrive rendered (with the
+    policy tokenizer's chat template when it has one) and are sent raw."""
+
+    role, error = "policy server", PolicyError
+
+    def __init__(self, base_url, model_name="", api_key=None, timeout=120.0, retries=4, backoff=0.5, workers=1):
+        super().__init__(base_url, model_name, api_key, timeout, retries, backoff, workers)
+        self.id = f"{base_url}#{model_name}"
+
+    def sample(self, prompts, n, temperature, top_p, max_new_tokens, seeds):
+        """n completions per prompt (lists of strings, cut after the final-answer line)."""
+        requests = [{"prompt": p, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                     "n": 1, "seed": s * 1_000_003 + j} for p, s in zip(prompts, seeds) for j in range(n)]
+        texts = [truncate_solution(r["choices"][0].get("text") or "") for r in self.post_all(requests)]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def parse_reply(reply):
@@ -257,16 +370,35 @@ def fingerprint(path):
     return h.hexdigest()[:16]
 
 
+class OracleJudge:
+    """Not an LLM: the bundled task's programmatic reference labels (data_utils.label_steps) as step scores
+    (1.0 right, 0.0 wrong), looked up by question in a problems file. The ceiling a judge can reach; used by
+    the experiments as a control (spec "oracle:data/train.jsonl")."""
+
+    def __init__(self, problems_file):
+        self.answers = {p["question"]: p["answer"] for p in load_problems(problems_file)}
+        self.id = f"oracle:{problems_file}@{fingerprint(problems_file)}"
+
+    def score(self, items):
+        out = []
+        for question, steps in items:
+            if question not in self.answers:
+                raise JudgeError(f"oracle judge: question not in its problems file: {question[:80]!r}")
+            out.append({"scores": [float(ok) for ok in label_steps(self.answers[question], steps)], "raw": None})
+        return out
+
+
 def make_judge(spec, model_name="", tokenizer="", api_key_env="OPENAI_API_KEY", timeout=30.0, retries=4,
-               packed=True, batch_size=64, dtype="float32", trust_remote_code=False):
-    """A judge from a spec: an http(s):// base URL (served model) or a local folder / Hub id / .gguf file."""
+               packed=True, batch_size=64, dtype="float32", trust_remote_code=False, logprobs=5, workers=1):
+    """A judge from a spec: an http(s):// base URL (served model), a local folder / Hub id / .gguf file, or
+    oracle:PROBLEMS_FILE (the programmatic reference labels, a control for experiments)."""
+    if spec.startswith("oracle:"):
+        return OracleJudge(spec[len("oracle:"):])
     if spec.startswith(("http://", "https://")):
-        tok = None
-        if tokenizer:
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
-        return HTTPJudge(spec, model_name, tok, os.environ.get(api_key_env), timeout, retries)
-    model, tok = load_model(spec, dtype, trust_remote_code)
+        tok = load_tokenizer(tokenizer, trust_remote_code) if tokenizer else None
+        return HTTPJudge(spec, model_name, tok, os.environ.get(api_key_env), timeout, retries, logprobs=logprobs,
+                         workers=workers)
+    model, tok = load_model(spec, dtype, trust_remote_code, default_device())
     return LocalJudge(model, tok, spec, packed, batch_size)
 
 
@@ -337,7 +469,24 @@ def chunked_cached(cache, keys, compute, chunk, desc):
 def score_solutions(judge, cache, items, chunk):
     """Judge every step of every (question, steps) item, through the cache. Returns (results, n scored)."""
     keys = [cache_key(judge.id, TEMPLATE_ID, q, steps) for q, steps in items]
+    if isinstance(judge, HTTPJudge):
+        judge.keep_replies(cache)
     return chunked_cached(cache, keys, lambda idx: judge.score([items[i] for i in idx]), chunk, "judging")
+
+
+def make_policy(cfg):
+    """(policy, tokenizer, policy id) from POLICY: a served model (http(s):// base URL; the tokenizer, for
+    the chat template, is POLICY_TOKENIZER or None) or a local folder / Hub id / .gguf file."""
+    spec = cfg["POLICY"]
+    if spec.startswith(("http://", "https://")):
+        tokenizer = None
+        if cfg["POLICY_TOKENIZER"]:
+            tokenizer = load_tokenizer(cfg["POLICY_TOKENIZER"], cfg["TRUST_REMOTE_CODE"])
+        policy = HTTPPolicy(spec, cfg["POLICY_MODEL_NAME"], os.environ.get(cfg["JUDGE_API_KEY_ENV"]),
+                            cfg["HTTP_TIMEOUT"], cfg["HTTP_RETRIES"], workers=cfg["HTTP_WORKERS"])
+        return policy, tokenizer, policy.id
+    policy, tokenizer = load_model(spec, cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], default_device())
+    return policy, tokenizer, f"{spec}@{fingerprint(spec)}"
 
 
 def sample_solutions(policy, tokenizer, policy_id, cache, prompts, seeds, n, cfg, desc="sampling"):
@@ -346,6 +495,9 @@ def sample_solutions(policy, tokenizer, policy_id, cache, prompts, seeds, n, cfg
     keys = [cache_key(policy_id, p, s, *settings) for p, s in zip(prompts, seeds)]
 
     def compute(idx):
+        if isinstance(policy, HTTPPolicy):
+            return policy.sample([prompts[i] for i in idx], n, cfg["TEMPERATURE"], cfg["TOP_P"],
+                                 cfg["MAX_NEW_TOKENS"], [seeds[i] for i in idx])
         return sample(policy, tokenizer, [prompts[i] for i in idx], n=n, temperature=cfg["TEMPERATURE"],
                       top_p=cfg["TOP_P"], max_new_tokens=cfg["MAX_NEW_TOKENS"], batch_size=cfg["BATCH_SIZE"],
                       seeds=[seeds[i] for i in idx], progress=False)
@@ -429,11 +581,10 @@ def main(argv):
     problems = load_problems(cfg["TRAIN_FILE"])[cfg["FIRST_PROBLEM"]: cfg["FIRST_PROBLEM"] + cfg["N_PROBLEMS"]]
     if not problems:
         raise SystemExit(f"no problems in {cfg['TRAIN_FILE']} from index {cfg['FIRST_PROBLEM']}")
-    policy, tokenizer = load_model(cfg["POLICY"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
-    policy_id = f"{cfg['POLICY']}@{fingerprint(cfg['POLICY'])}"
+    policy, tokenizer, policy_id = make_policy(cfg)
     judge = make_judge(cfg["JUDGE"], cfg["JUDGE_MODEL_NAME"], cfg["JUDGE_TOKENIZER"], cfg["JUDGE_API_KEY_ENV"],
                        cfg["HTTP_TIMEOUT"], cfg["HTTP_RETRIES"], cfg["PACKED"], cfg["BATCH_SIZE"], cfg["DTYPE"],
-                       cfg["TRUST_REMOTE_CODE"])
+                       cfg["TRUST_REMOTE_CODE"], cfg["JUDGE_LOGPROBS"], cfg["HTTP_WORKERS"])
     samples_cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "samples.jsonl"))
     scores_cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
     gold = [split_steps(p["answer"])[1] for p in problems]

@@ -13,9 +13,10 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
   the test set, which leaves preference optimization room to help, and the rest of the training problems
   reach training only through the policy's own samples and the judge.
 - The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
-  common.py with Yes/No, on gold solutions and on automatically corrupted ones (data_utils.corrupt_solution)
-  labelled by the programmatic checker, and, jointly, to write the gold solutions of all training problems
-  (verification alone is one bit per step and learns arithmetic slowly). It never sees the policy's samples.
+  common.py with Yes/No, on gold solutions, on automatically corrupted ones (data_utils.corrupt_solution)
+  and on the policy's own samples of gold-set problems, all labelled by the programmatic checker, and,
+  jointly, to write the gold solutions of all training problems (verification alone is one bit per step
+  and learns arithmetic slowly). It never sees the problems of the pairs pool or the test set.
 
 Each model folder keeps build_config.json; a build whose config matches it is skipped.
 """
@@ -56,10 +57,14 @@ JUDGE_HIDDEN = 192
 JUDGE_LAYERS = 4
 JUDGE_HEADS = 6
 JUDGE_MLP = 512
-JUDGE_STEPS = 700
+JUDGE_STEPS = 1000
 JUDGE_BATCH = 32
 JUDGE_LR = 1e-3
-CORRUPT_PROB = 0.5        # share of judge examples drawn from a corrupted solution
+CORRUPT_PROB = 0.5        # share of gold-derived judge examples drawn from a corrupted solution
+SAMPLE_PROB = 0.5         # share of judge examples drawn from the policy's own samples (below)
+JUDGE_SAMPLE_PROBLEMS = 2000  # policy samples of the first problems (inside the policy's gold set, so
+JUDGE_SAMPLE_K = 4            # disjoint from the pairs pool of reward_model.py) labelled by the checker
+JUDGE_SAMPLE_TEMPERATURE = 0.7
 JUDGE_SFT_BATCH = 16      # gold solutions per step the judge also learns to write (GenRM's joint training:
                           # the dense next-token signal teaches it the arithmetic it must verify)
 # shared optimizer details
@@ -229,11 +234,32 @@ def build_policy(cfg, tokenizer, problems):
     return model, losses, tokenizer
 
 
+def policy_samples(cfg, problems):
+    """(problem, steps) of the policy's samples of the first JUDGE_SAMPLE_PROBLEMS problems: the errors a
+    judge must catch are the policy's own, which corrupted gold solutions only imitate."""
+    from common import load_model, sample
+
+    n = min(cfg["JUDGE_SAMPLE_PROBLEMS"], cfg["SFT_GOLD_SIZE"])
+    if not n or not cfg["JUDGE_SAMPLE_K"]:
+        return []
+    policy, tokenizer = load_model(os.path.join(cfg["MODELS_DIR"], "policy"))
+    texts = sample(policy, tokenizer, [policy_prompt(tokenizer, p["question"]) for p in problems[:n]],
+                   n=cfg["JUDGE_SAMPLE_K"], temperature=cfg["JUDGE_SAMPLE_TEMPERATURE"], seed=cfg["SEED"] + 7,
+                   desc="policy samples for the judge")
+    return [(p, steps) for p, group in zip(problems, texts) for steps in (split_steps(t)[0] for t in group) if steps]
+
+
 def build_judge(cfg, tokenizer, problems):
     rng = random.Random(cfg["SEED"] + 1)
     parsed = [(p, *split_steps(p["answer"], strip_calc=True)) for p in problems]
+    samples = policy_samples(cfg, problems)
+    n_wrong = sum(not all(label_steps(p["answer"], steps)) for p, steps in samples)
+    print_json({"judge_policy_samples": len(samples), "with_a_wrong_step": n_wrong})
 
     def draw():
+        if samples and rng.random() < cfg["SAMPLE_PROB"]:
+            p, steps = rng.choice(samples)
+            return judge_example(tokenizer, p["question"], steps, label_steps(p["answer"], steps))
         p, steps, final = rng.choice(parsed)
         if rng.random() < cfg["CORRUPT_PROB"]:
             steps, final, _ = corrupt_solution(steps, final, rng, p["question"])
@@ -271,8 +297,17 @@ def build_judge(cfg, tokenizer, problems):
 POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "POLICY_MLP", "SFT_GOLD_SIZE",
                "POLICY_STEPS", "POLICY_BATCH", "POLICY_LR"]
 JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
-              "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH"]
+              "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH", "SAMPLE_PROB", "JUDGE_SAMPLE_PROBLEMS",
+              "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE"]
 SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
+
+
+def policy_hash(cfg):
+    path = os.path.join(cfg["MODELS_DIR"], "policy", "model.safetensors")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def main(argv):
@@ -289,7 +324,9 @@ def main(argv):
         keys = SHARED_KEYS + (POLICY_KEYS if name == "policy" else JUDGE_KEYS)
         build_config = {k: cfg[k] for k in keys} | {"data_sha256": data_hash, "command": command_line(__file__, argv)}
         out_dir = os.path.join(cfg["MODELS_DIR"], name)
-        if not cfg["FORCE"] and up_to_date(out_dir, build_config):
+        if name == "judge":  # the judge learns from the policy's samples
+            build_config["policy_sha256"] = policy_hash(cfg)
+        if not cfg["FORCE"] and "policy" not in plans and up_to_date(out_dir, build_config):
             print_json({"model": out_dir, "status": "up to date, skipped (--FORCE=true rebuilds)"})
         else:
             plans[name] = (out_dir, build_config)
@@ -299,6 +336,8 @@ def main(argv):
     for name, (out_dir, build_config) in plans.items():
         t0 = time.time()
         builder = build_policy if name == "policy" else build_judge
+        if name == "judge":
+            build_config["policy_sha256"] = policy_hash(cfg)
         model, losses, model_tokenizer = builder(cfg, tokenizer, problems)
         build_config["build_seconds"] = round(time.time() - t0, 1)
         save_model(model, model_tokenizer, out_dir, build_config, losses)

@@ -29,8 +29,8 @@ import sys
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, encode, load_model,
-                    policy_prompt, print_json)
+from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, default_device, encode,
+                    load_model, policy_prompt, print_json)
 from data_utils import read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
@@ -38,7 +38,7 @@ MODEL = "models/policy"           # starting policy (also the reference): folder
 DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, or full_pairs.jsonl rows
 MODE = "step"                     # step | weighted | outcome
 OUT_DIR = "results/reference/train"
-LOSS = "sigmoid"                  # sigmoid (DPO) | ipo
+LOSS = "sigmoid"                  # sigmoid (DPO) | ipo | sft (NLL_WEIGHT x chosen NLL only: the SFT control)
 BETA = 0.3
 NLL_WEIGHT = 1.0                  # RPO: weight of the mean NLL of chosen tokens
 DPOP_LAMBDA = 50.0                # DPO-Positive penalty weight (0 = off); step pairs differ in a token or two
@@ -56,6 +56,8 @@ LORA = False
 LORA_R = 8
 LORA_ALPHA = 16
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+GRADIENT_CHECKPOINTING = False    # recompute activations in the backward pass: less memory, ~30% more compute
+BF16 = False                      # bf16 autocast with fp32 master weights (GPU); DTYPE=bfloat16 stores weights in bf16
 LOGGING_STEPS = 5
 SAVE_STEPS = 50                   # checkpoint every N optimizer steps
 SAVE_TOTAL_LIMIT = 2
@@ -74,17 +76,31 @@ FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "
 # ----------------------------------------------------------------------------- data
 
 
+def _is_score(s):
+    return s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1)
+
+
+FIELD_CHECKS = {  # kind -> (test, what the message says it must be)
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "scores": (lambda v: isinstance(v, list) and all(map(_is_score, v)), "a list of scores in [0, 1] or null"),
+}
+
+
 def load_pairs(path, mode):
     """Rows of a pairs file, checked for the fields `mode` needs (file, line and field named on error)."""
-    need = STEP_KEYS if mode == "step" else FULL_KEYS
+    kinds = dict.fromkeys(STEP_KEYS, "string") if mode == "step" else dict(zip(FULL_KEYS, (
+        "string", "strings", "strings", "scores", "scores", "string")))
 
     def pair_errors(row):
-        missing = [k for k in need if k not in row]
+        missing = [k for k in kinds if k not in row]
         if missing:
             hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
             return [f"field '{missing[0]}' is missing{hint}"]
-        if mode == "step" and not all(isinstance(row[k], str) for k in need):
-            return ["fields " + ", ".join(need) + " must be strings"]
+        for key, kind in kinds.items():
+            ok, what = FIELD_CHECKS[kind]
+            if not ok(row[key]):
+                return [f"field '{key}' must be {what}, got {json.dumps(row[key])[:40]}"]
         if mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
                                or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
             return ["field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"]
@@ -245,6 +261,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
 
     sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))            (DPO, eq. 7)
     ipo:     (chosen log-ratio - rejected log-ratio - 1 / (2 beta))^2                (IPO, eq. 17)
+    sft:     0 (with the NLL term, supervised fine-tuning on the chosen tokens: a control)
     DPO-Positive subtracts dpop_lambda * max(0, log pi_ref(y_w) - log pi(y_w)) from the log-ratio
     difference inside the loss (Pal et al. 2024, eq. 3), so the chosen likelihood cannot fall below the
     reference's for free."""
@@ -257,8 +274,10 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
         losses = -torch.nn.functional.logsigmoid(beta * margin)
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
+    elif loss_type == "sft":  # no preference term: only NLL_WEIGHT * NLL of the chosen tokens (a control)
+        losses = torch.zeros_like(margin)
     else:
-        raise ValueError(f"unknown LOSS {loss_type!r}; use sigmoid or ipo")
+        raise ValueError(f"unknown LOSS {loss_type!r}; use sigmoid, ipo or sft")
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
@@ -300,6 +319,7 @@ class StepwiseDPOTrainer(Trainer):
             d["dpop_lambda"], policy["chosen_plain"], ref_chosen_plain)
         nll = -(policy["chosen_plain"] / policy["chosen_tokens"])          # mean NLL per chosen token
         loss = losses.mean() + d["nll_weight"] * nll.mean()
+        self.check_finite(loss)
         metrics = {"rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
                    "rewards/margins": reward_chosen - reward_rejected,
                    "rewards/accuracies": (reward_chosen > reward_rejected).float(),
@@ -310,6 +330,17 @@ class StepwiseDPOTrainer(Trainer):
         for name, value in metrics.items():
             self._metrics.setdefault(name, []).append(value.detach().float().mean())
         return loss
+
+    def check_finite(self, loss):
+        """Stop on a NaN or infinite loss before its gradients reach the weights, so that no checkpoint of a
+        broken model is ever written. All processes agree, so none is left waiting for the others."""
+        finite = torch.isfinite(loss.detach()).float()[None]
+        if self.args.world_size > 1:
+            finite = self.accelerator.gather(finite)
+        if not bool(finite.min() > 0):
+            raise FloatingPointError(
+                f"non-finite loss ({float(loss)}) at optimizer step {self.state.global_step + 1}; training "
+                f"stopped before updating the weights, checkpoints already in {self.args.output_dir} are intact")
 
     def log(self, logs, *args, **kwargs):
         if self._metrics and "loss" in logs:
@@ -451,6 +482,7 @@ def main(argv):
     ref_model = None
     if cfg["REFERENCE"] == "precomputed":
         key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(features)}-{int(cfg['PREFIX_SHARING'])}"
+        model.to(default_device())  # the Trainer moves it there anyway; the reference pass should not run on CPU
         precompute_reference(model, features, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
                              os.path.join("cache", "reference", f"{key}.json"))
     elif not cfg["LORA"]:
@@ -461,13 +493,17 @@ def main(argv):
         model = get_peft_model(model, LoraConfig(r=cfg["LORA_R"], lora_alpha=cfg["LORA_ALPHA"], lora_dropout=0.0,
                                                  target_modules=cfg["LORA_TARGETS"].split(","),
                                                  task_type="CAUSAL_LM"))
+        # the saved adapter names its base as given here (a .gguf file included), so load_model can rebuild it
+        model.peft_config["default"].base_model_name_or_path = cfg["MODEL"]
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=cfg["BATCH_SIZE"], gradient_accumulation_steps=cfg["GRAD_ACCUM"],
         learning_rate=cfg["LR"], num_train_epochs=1, max_steps=cfg["MAX_STEPS"], train_sampling_strategy="sequential", warmup_steps=cfg["WARMUP_RATIO"],
         weight_decay=cfg["WEIGHT_DECAY"], max_grad_norm=cfg["MAX_GRAD_NORM"], lr_scheduler_type="linear",
         logging_steps=cfg["LOGGING_STEPS"], save_steps=cfg["SAVE_STEPS"], save_total_limit=cfg["SAVE_TOTAL_LIMIT"],
         seed=cfg["SEED"], data_seed=cfg["SEED"], remove_unused_columns=False, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False)
+        dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False, bf16=cfg["BF16"],
+        activation_checkpointing=cfg["GRADIENT_CHECKPOINTING"],
+        activation_checkpointing_kwargs={"use_reentrant": False})
     trainer = StepwiseDPOTrainer(
         model=model, args=args, train_dataset=PairDataset(epoch_order(features, cfg["EPOCHS"], cfg["SEED"])),
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"]),
@@ -491,6 +527,7 @@ def main(argv):
                    "train_loss": result.training_loss, "last_logged": last}
         atomic_write_json(os.path.join(out, "summary.json"), summary)
         print_json(summary)
+    return trainer
 
 
 if __name__ == "__main__":

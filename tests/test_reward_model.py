@@ -1,3 +1,4 @@
+import hashlib
 import http.server
 import json
 import math
@@ -137,6 +138,13 @@ def test_full_pair_needs_a_right_and_a_wrong_sample():
     assert rm.full_pair("Q", "5", [right, better]) is None
 
 
+def policy_reply(prompt, seed):
+    """A completions reply with a two-step solution drawn from (prompt, seed), then text past the answer."""
+    x = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:4], 16) % 3
+    text = f"She has 2 + {x} = {2 + x} apples.\nSo {2 + x} * 1 = {2 + x}.\n#### {2 + x}\nQuestion: more"
+    return json.dumps({"choices": [{"text": text, "index": 0, "finish_reason": "length"}]}).encode()
+
+
 class FakeCompletions(http.server.BaseHTTPRequestHandler):
     """A small OpenAI-style completions server: answers with logprobs, after failing as told."""
     plan = []
@@ -150,7 +158,12 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
             self.send_response(int(action[4:]))
             self.end_headers()
             return
-        reply_with_json(self, b"{broken" if action == "garbage" else completions_reply(0.9))
+        if action == "garbage":
+            reply_with_json(self, b"{broken")
+        elif body.get("max_tokens", 1) > 1:  # a policy request: a solution that depends on prompt and seed
+            reply_with_json(self, policy_reply(body["prompt"], body["seed"]))
+        else:
+            reply_with_json(self, completions_reply(0.9))
 
     def log_message(self, *args):
         pass
@@ -179,17 +192,54 @@ def test_http_judge_scores_each_step_with_retries(server):
                     "correct? Answer:", "max_tokens": 1, "temperature": 0, "logprobs": 5}
 
 
-def test_http_judge_gives_up_with_a_clear_error(server):
-    FakeCompletions.plan = ["http500"] * 3
-    judge = rm.HTTPJudge(server, "m", timeout=5, retries=2, backoff=0.01)
-    with pytest.raises(rm.JudgeError, match=r"failed after 3 tries: HTTP 500"):
-        judge.score([("Q?", ["a"])])
-    FakeCompletions.plan = ["http400"]
-    with pytest.raises(rm.JudgeError, match="refused the request: HTTP 400"):
-        judge.score([("Q?", ["a"])])
-    dead = rm.HTTPJudge("http://127.0.0.1:9", "m", timeout=1, retries=1, backoff=0.01)
-    with pytest.raises(rm.JudgeError, match="failed after 2 tries"):
-        dead.score([("Q?", ["a"])])
+def test_http_policy_samples_with_seeds_retries_and_order(server):
+    FakeCompletions.plan = ["http503"]
+    policy = rm.HTTPPolicy(server + "/v1/", "pol", timeout=5, retries=2, backoff=0.01, workers=3)
+    out = policy.sample(["P1", "P2"], n=3, temperature=0.7, top_p=0.9, max_new_tokens=50, seeds=[10, 11])
+    assert [len(row) for row in out] == [3, 3]
+    for prompt, seed, row in zip(["P1", "P2"], [10, 11], out):
+        for j, text in enumerate(row):
+            reply = json.loads(policy_reply(prompt, seed * 1_000_003 + j))
+            assert text == reply["choices"][0]["text"].split("\nQuestion")[0]  # cut after the '####' line
+    bodies = [body for path, body, _ in FakeCompletions.seen]
+    assert len(bodies) == 7 and all(path == "/v1/completions" for path, _, _ in FakeCompletions.seen)
+    assert {b["seed"] for b in bodies} == {s * 1_000_003 + j for s in (10, 11) for j in range(3)}  # one retried
+    assert {(b["model"], b["temperature"], b["top_p"], b["max_tokens"], b["n"]) for b in bodies} == {
+        ("pol", 0.7, 0.9, 50, 1)}
+    again = rm.HTTPPolicy(server, "pol", timeout=5, retries=0).sample(["P1", "P2"], 3, 0.7, 0.9, 50, [10, 11])
+    assert again == out  # one worker or three, the same samples in the same order
+    FakeCompletions.plan = ["http404"]
+    with pytest.raises(rm.PolicyError, match="policy server .* refused the request: HTTP 404"):
+        policy.sample(["P1"], 1, 0.7, 1.0, 50, [0])
+
+
+def test_reward_model_with_served_policy_and_judge(server, tmp_path):
+    args = [f"--POLICY={server}", "--POLICY_MODEL_NAME=pol", f"--JUDGE={server}", "--JUDGE_MODEL_NAME=jud",
+            "--N_PROBLEMS=3", "--K=3", "--CHUNK=2", "--HTTP_WORKERS=2", "--JUDGE_LOGPROBS=20",
+            f"--OUT_DIR={tmp_path}/out", f"--CACHE_DIR={tmp_path}/cache"]
+    rm.main(args)
+    judged = [json.loads(x) for x in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]
+    assert len(judged) == 9 and all(len(r["completions"]) == 2 and r["step_scores"] == pytest.approx([0.9, 0.9])
+                                    for r in judged)
+    policy_bodies = [b for _, b, _ in FakeCompletions.seen if b["max_tokens"] > 1]
+    judge_bodies = [b for _, b, _ in FakeCompletions.seen if b["max_tokens"] == 1]
+    assert len(policy_bodies) == 9 and {b["model"] for b in policy_bodies} == {"pol"}
+    assert len(judge_bodies) == 18 and {(b["model"], b["logprobs"]) for b in judge_bodies} == {("jud", 20)}
+    assert policy_bodies[0]["prompt"].startswith("Question: ")  # no POLICY_TOKENIZER: the plain template
+    before = (tmp_path / "out" / "judged.jsonl").read_bytes()
+    FakeCompletions.seen = []
+    rm.main(args)  # everything comes from the cache now
+    assert FakeCompletions.seen == [] and (tmp_path / "out" / "judged.jsonl").read_bytes() == before
+
+
+def test_spearman_by_hand():
+    assert evaluate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert evaluate.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks with ties: a -> [1, 2.5, 2.5, 4], b -> [1, 2, 3, 4]; Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
+    assert evaluate.spearman([0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None and evaluate.spearman([1], [2]) is None
+    with pytest.raises(ValueError):
+        evaluate.spearman([1, 2], [1])
 
 
 def test_auroc_by_hand():
@@ -211,3 +261,21 @@ def test_judge_pick():
     assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "last") == 1
     assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "prod") == 1
     assert evaluate.judge_pick([[], [0.0]], "min") == 0
+
+
+def test_oracle_judge_scores_are_the_reference_labels(tmp_path):
+    from data_utils import label_steps, split_steps
+
+    problem = {"question": "Tom has 3 apples and buys 4 more. He eats 2. How many are left?",
+               "answer": "He has 3 + 4 = 7 apples.\nAfter eating he has 7 - 2 = 5.\n#### 5"}
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps(problem) + "\n")
+    judge = rm.make_judge(f"oracle:{path}")
+    good = split_steps(problem["answer"])[0]
+    bad = [good[0], "After eating he has 7 - 2 = 4."]
+    out = judge.score([(problem["question"], good), (problem["question"], bad)])
+    assert [o["scores"] for o in out] == [[1.0, 1.0], [1.0, 0.0]]
+    assert out[1]["scores"] == [float(x) for x in label_steps(problem["answer"], bad)]
+    with pytest.raises(rm.JudgeError, match="not in its problems file"):
+        judge.score([("another question", good)])
+

@@ -1,30 +1,18 @@
-"""reward_model.py end to end on the committed tiny models: outputs, schema, kill-and-resume."""
-import hashlib
-import http.server
+"""reward_model.py end to end on the committed tiny models: outputs, schema, kill while sampling and resume
+(kills while judging: test_faults.py)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
-from conftest import ROOT, completions_reply, reply_with_json
-
-ARGS = ["--N_PROBLEMS=12", "--K=4", "--CHUNK=3", "--RECTIFY_SAMPLES=2", "--MAX_NEW_TOKENS=120"]
-OUTPUTS = ["judged.jsonl", "step_pairs.jsonl", "step_pairs_meta.jsonl", "full_pairs.jsonl", "counts.json"]
+from conftest import JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, kill_when, line_count, run_script
 
 
 def run(folder, extra=(), wait=True):
-    cmd = [sys.executable, "reward_model.py", *ARGS, f"--OUT_DIR={folder}/out", f"--CACHE_DIR={folder}/cache",
-           *extra]
-    if wait:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """reward_model.py on JUDGE_RUN_ARGS into folder/out and folder/cache: the printed summary, or the Popen
+    (wait=False)."""
+    args = [*JUDGE_RUN_ARGS, f"--OUT_DIR={folder}/out", f"--CACHE_DIR={folder}/cache", *extra]
+    proc = run_script("reward_model.py", args, wait=wait)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if wait else proc
 
 
 @pytest.fixture(scope="module")
@@ -71,66 +59,19 @@ def test_step_pairs_have_the_step_dpo_schema(fresh):
 
 def test_second_run_scores_nothing_and_writes_the_same_bytes(fresh):
     folder, _ = fresh
-    before = {name: (folder / "out" / name).read_bytes() for name in OUTPUTS}
+    before = {name: (folder / "out" / name).read_bytes() for name in JUDGE_RUN_OUTPUTS}
     printed = run(folder)
     assert printed["computed"] == {"samples": 0, "scored": 0, "rectify_samples": 0, "rectify_scored": 0}
-    assert {name: (folder / "out" / name).read_bytes() for name in OUTPUTS} == before
-
-
-def kill_when(proc, path, lines, timeout=300):
-    """SIGKILL `proc` as soon as `path` has at least `lines` lines; returns the line count at the kill."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= lines:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return len(path.read_text().splitlines())
+    assert {name: (folder / "out" / name).read_bytes() for name in JUDGE_RUN_OUTPUTS} == before
 
 
 def test_sigkill_while_sampling_then_resume_gives_identical_outputs(fresh, tmp_path):
     folder, _ = fresh
-    done = kill_when(run(tmp_path, wait=False), tmp_path / "cache" / "samples.jsonl", 1)
+    samples = tmp_path / "cache" / "samples.jsonl"
+    kill_when(run(tmp_path, wait=False), lambda: line_count(samples) >= 1)
+    done = line_count(samples)
     assert 1 <= done < 12
     printed = run(tmp_path)
     assert printed["computed"]["samples"] == 12 - done // 3 * 3
-    for name in OUTPUTS:
+    for name in JUDGE_RUN_OUTPUTS:
         assert (tmp_path / "out" / name).read_bytes() == (folder / "out" / name).read_bytes(), name
-
-
-class SlowJudge(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-style completions server that takes 10 ms per reply and answers deterministically from
-    the prompt, so that a scoring run lasts long enough to be killed in the middle."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        time.sleep(0.01)
-        p_yes = 0.05 + 0.9 * (int(hashlib.sha256(body["prompt"].encode()).hexdigest()[:6], 16) / 0xFFFFFF)
-        reply_with_json(self, completions_reply(p_yes))
-
-    def log_message(self, *args):
-        pass
-
-
-def test_sigkill_while_judging_over_http_then_resume(tmp_path):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowJudge)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    judge = [f"--JUDGE=http://127.0.0.1:{srv.server_address[1]}", "--JUDGE_MODEL_NAME=slow"]
-    try:
-        uninterrupted = run(tmp_path / "a", judge)
-        assert uninterrupted["computed"]["scored"] == 48
-        proc = run(tmp_path / "b", judge, wait=False)
-        done = kill_when(proc, tmp_path / "b" / "cache" / "scores.jsonl", 4)
-        assert 4 <= done < 48
-        resumed = run(tmp_path / "b", judge)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    # only the chunks not finished before the kill were scored again
-    assert resumed["computed"]["samples"] == 0 and resumed["computed"]["scored"] == 48 - done // 3 * 3
-    for name in OUTPUTS:
-        assert (tmp_path / "b" / "out" / name).read_bytes() == (tmp_path / "a" / "out" / name).read_bytes(), name
-    judged = [json.loads(x) for x in (tmp_path / "b" / "out" / "judged.jsonl").read_text().splitlines()]
-    assert all(len(r["raw"]) == len(r["completions"]) for r in judged)

@@ -178,6 +178,10 @@ def test_nll_term_adds_mean_chosen_token_nll(tiny_tokenizer, models):
             policy, batch).item()
         nll = [-naive_logp(policy, f["prompt_ids"], f["chosen_ids"]) / len(f["chosen_ids"]) for f in feats]
     assert with_nll - base == pytest.approx(2.0 * sum(nll) / len(nll), abs=1e-5)
+    with torch.no_grad():  # the SFT control: the NLL term alone
+        sft = make_trainer(policy, tiny_tokenizer, feats, {"loss": "sft", "nll_weight": 1.0},
+                           ref_model=ref).compute_loss(policy, batch).item()
+    assert sft == pytest.approx(sum(nll) / len(nll), abs=1e-5)
 
 
 def test_precomputed_reference_equals_live_reference(tiny_tokenizer, models):

@@ -1,60 +1,22 @@
-"""train_stepwise_dpo.py as a program: run folder, kill and resume, two-process accelerate launch."""
+"""train_stepwise_dpo.py as a program: run folder, two-process accelerate launch (kill and resume: test_faults)."""
 import json
 import os
-import random
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT
-from data_utils import corrupt_solution, generate_task, split_steps
+from conftest import ROOT, run_script, train_args, training_rows
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer, tiny_model):
-    """A tiny policy folder and 48 step pairs (gold step vs an automatically corrupted one)."""
-    folder = tmp_path_factory.mktemp("train")
-    tiny_model.save_pretrained(folder / "policy")
-    tiny_tokenizer.save_pretrained(folder / "policy")
-    rng = random.Random(0)
-    rows = []
-    for p in generate_task(48, 1, seed=5)[0]:
-        steps, final = split_steps(p["answer"], strip_calc=True)
-        bad, _, j = corrupt_solution(steps, final, rng, p["question"])
-        rows.append({"prompt": p["question"], "initial_reason_steps": "".join(s + "\n" for s in steps[:j]),
-                     "chosen": steps[j] + "\n", "rejected": bad[j] + "\n", "full_chosen": "", "full_rejected": "",
-                     "answer": final})
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+def run(args, launcher=(sys.executable,)):
+    run_script("train_stepwise_dpo.py", args, launcher)
 
 
-def args_for(folder, out, *extra):
-    return [f"--MODEL={folder / 'policy'}", f"--DATA={folder / 'pairs.jsonl'}", f"--OUT_DIR={out}",
-            "--LOGGING_STEPS=1", "--LR=1e-3", "--BETA=0.5", "--NLL_WEIGHT=0.2", *extra]
-
-
-def run(args, launcher=(sys.executable,), wait=True):
-    cmd = [*launcher, "train_stepwise_dpo.py", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def training_rows(out):
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "rewards/margins" in r]
-
-
-def test_run_folder_and_learning(setup, tmp_path):
+def test_run_folder_and_learning(train_setup, tmp_path):
     out = tmp_path / "run"
-    run(args_for(setup, out, "--BATCH_SIZE=8", "--EPOCHS=3", "--SAVE_STEPS=100"))
+    run(train_args(train_setup, out, "--BATCH_SIZE=8", "--EPOCHS=3", "--SAVE_STEPS=100"))
     rows = training_rows(out)
     assert len(rows) == 18 and [r["step"] for r in rows] == list(range(1, 19))
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -68,45 +30,19 @@ def test_run_folder_and_learning(setup, tmp_path):
     assert summary["steps"] == 18 and (out / "training.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
-    start = AutoModelForCausalLM.from_pretrained(setup / "policy")
+    start = AutoModelForCausalLM.from_pretrained(train_setup / "policy")
     assert (out / "model" / "model.safetensors").exists()
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
 
 
-def test_killed_mid_epoch_then_resumed_matches_uninterrupted(setup, tmp_path):
-    common = ("--BATCH_SIZE=2", "--EPOCHS=3", "--SAVE_STEPS=10")
-    full = tmp_path / "full"
-    run(args_for(setup, full, *common))
-    part = tmp_path / "part"
-    proc = run(args_for(setup, part, *common), wait=False)
-    marker = part / "checkpoint-20" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.01)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = len(training_rows(part))
-    assert 20 <= killed_at < 72
-    run(args_for(setup, part, *common, "--RESUME=true"))
-    a, b = training_rows(full), training_rows(part)
-    assert [r["step"] for r in b] == list(range(1, 73))
-    for ra, rb in zip(a, b):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
-    from safetensors.torch import load_file
-    wa, wb = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-
-
 @pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate launcher not installed")
-def test_two_process_accelerate_matches_single_process(setup, tmp_path):
+def test_two_process_accelerate_matches_single_process(train_setup, tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     single = tmp_path / "single"
-    run(args_for(setup, single, "--BATCH_SIZE=4", "--MAX_STEPS=5", "--SAVE_STEPS=100"))
+    run(train_args(train_setup, single, "--BATCH_SIZE=4", "--MAX_STEPS=5", "--SAVE_STEPS=100"))
     double = tmp_path / "double"
-    run(args_for(setup, double, "--BATCH_SIZE=2", "--MAX_STEPS=5", "--SAVE_STEPS=100"),
+    run(train_args(train_setup, double, "--BATCH_SIZE=2", "--MAX_STEPS=5", "--SAVE_STEPS=100"),
         launcher=(launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no"))
     a, b = training_rows(single), training_rows(double)
@@ -114,3 +50,47 @@ def test_two_process_accelerate_matches_single_process(setup, tmp_path):
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
         assert rb["rewards/margins"] == pytest.approx(ra["rewards/margins"], abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(train_setup, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    run(train_args(train_setup, plain, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100"))
+    run(train_args(train_setup, checkpointed, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100",
+                   "--GRADIENT_CHECKPOINTING=true"))
+    a, b = training_rows(plain), training_rows(checkpointed)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
+    assert a[-1]["rewards/margins"] != 0.0
+
+
+def test_lora_run_saves_an_adapter_that_load_model_rebuilds(train_setup, tmp_path):
+    from common import load_model
+
+    out = tmp_path / "lora"
+    run(train_args(train_setup, out, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", "--LORA=true",
+                   "--LORA_R=4", "--REFERENCE=live", "--GRADIENT_CHECKPOINTING=true"))
+    files = set(os.listdir(out / "model"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(train_setup / "policy")
+    rows = training_rows(out)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["rewards/margins"] != 0.0
+    merged, _ = load_model(out / "model")
+    base, _ = load_model(train_setup / "policy")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+
+
+def test_accelerate_configs_for_gpus_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ddp = load_config_from_file(os.path.join(ROOT, "configs", "accelerate_ddp.yaml"))
+    zero3 = load_config_from_file(os.path.join(ROOT, "configs", "accelerate_zero3.yaml"))
+    assert ddp.distributed_type == "MULTI_GPU" and zero3.distributed_type == "DEEPSPEED"
+    assert ddp.mixed_precision == zero3.mixed_precision == "bf16" and not ddp.use_cpu
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
+    # batch size, accumulation and clipping come from the script's own arguments ("auto" in DeepSpeed)
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(zero3.deepspeed_config)
