@@ -527,6 +527,9 @@ def main(argv):
                    "train_loss": result.training_loss, "last_logged": last}
         atomic_write_json(os.path.join(out, "summary.json"), summary)
         print_json(summary)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # a clean exit: no abort from a live gloo group
     return trainer
 
 

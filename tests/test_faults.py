@@ -25,8 +25,8 @@ import torch
 import common
 import reward_model as rm
 import train_stepwise_dpo as T
-from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, ROOT, JudgeServer, kill_when, line_count, prompt_score,
-                      run_script, train_args, training_rows)
+from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, ROOT, JudgeServer, kill_when, prompt_score, run_script,
+                      train_args, training_rows)
 from data_utils import DataError
 
 KILL_SEED = 8
@@ -127,7 +127,8 @@ HINT = r" \(MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs
     ("weighted", 2, {"chosen_step_scores": [0.9, 0.8]},
      "field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"),
     ("outcome", 3, "not json", r"not valid JSON \(Expecting value at column 1\)"),
-])
+], ids=["step-not-a-string", "step-null", "step-missing-field", "step-given-full-rows", "weighted-given-step-rows",
+        "score-not-a-number", "score-out-of-range", "steps-not-a-list", "scores-per-step", "not-json"])
 def test_malformed_pairs_row_is_named_and_nothing_is_written(mode, line, change, message, tmp_path, monkeypatch):
     good = STEP_ROW if mode == "step" else FULL_ROW
     rows = [json.dumps(good)] * 4
@@ -193,7 +194,8 @@ def test_http_judge_retries_a_transient_fault(fault):
 @pytest.mark.parametrize("fault, message", [
     ("refused", "URLError: .*Connection refused"), ("http429", "HTTP 429"), ("http500", "HTTP 500"),
     ("http503", "HTTP 503"), ("garbage", "malformed JSON"), ("no-choices", "reply has no choices"),
-    ("sleep0.6", "timed out"), ("drop", "Remote end closed connection without response")])
+    ("sleep0.6", "timed out"), ("drop", "Remote end closed connection without response")],
+    ids=["refused", "http429", "http500", "http503", "garbage", "no-choices", "timeout", "drop"])
 def test_http_judge_gives_up_after_bounded_retries(fault, message):
     with JudgeServer(default=fault) as server:
         url = f"http://127.0.0.1:{free_port()}" if fault == "refused" else server.url
@@ -332,18 +334,19 @@ def kill_points(total, kills, margin):
 
 @pytest.mark.parametrize("kills", KILLS)
 def test_sigkill_while_judging_then_rerun_is_byte_identical(server, served, tmp_path, kills):
-    """Killed after N lines of the scores cache for N at `kills` random points, rerun each time: the final
-    outputs are byte-identical to the uninterrupted run, and each kill cost at most the request in flight."""
+    """Killed when the judge server has had N requests, for N at `kills` random points, and rerun each time:
+    the final outputs are byte-identical to the uninterrupted run's, and a kill costs at most the request in
+    flight (every reply received before it is reused)."""
     reference, sent = served
     folder = with_samples(tmp_path / "run", reference)
-    scores = folder / "cache" / "scores.jsonl"
     server.delay = 0.01                            # judging lasts a few seconds, so kills land inside it
-    for point in kill_points(line_count(reference / "cache" / "scores.jsonl"), kills, margin=20):
-        target = max(point, line_count(scores) + 1)
+    for point in kill_points(len(set(sent)), kills, margin=20):
+        target = max(point, len(server.seen) + 1)
         kill_when(run_script("reward_model.py", served_args(server, folder), wait=False),
-                  lambda target=target: line_count(scores) >= target)
+                  lambda target=target: len(server.seen) >= target)
     run_script("reward_model.py", served_args(server, folder))
-    assert len(server.seen) <= len(sent) + kills
+    requests = len(server.seen)
+    assert requests <= len(sent) + kills, (requests, len(sent))
     assert_same_outputs(folder, reference)
 
 
