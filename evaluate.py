@@ -84,19 +84,11 @@ def score_samples(gold, greedy, samples):
 def auroc(scores, labels):
     """Area under the ROC curve: the probability that a correct step outscores a wrong one (ties count
     half), by the Mann-Whitney U statistic with average ranks."""
-    pairs = sorted(zip(scores, labels))
     n_pos = sum(labels)
     n_neg = len(labels) - n_pos
     if not n_pos or not n_neg:
         return None
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        avg_rank = (i + 1 + j) / 2  # ranks i+1..j share their average
-        rank_sum += avg_rank * sum(1 for _, y in pairs[i:j] if y)
-        i = j
+    rank_sum = sum(r for r, y in zip(average_ranks(scores), labels) if y)
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 

@@ -291,10 +291,6 @@ class HTTPJudge(CompletionsClient):
     def fields(self, prompt):
         return {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": self.logprobs}
 
-    def request(self, prompt):
-        """The parsed JSON reply for one judge prompt, after up to `retries` retries with backoff."""
-        return self.post(self.fields(prompt))
-
     def score(self, items):
         prompts = []
         for question, steps in items:
@@ -529,15 +525,22 @@ def find_step_pairs(question, gold, solutions, threshold):
         if (tuple(prefix), bad["steps"][e]) in seen:
             continue
         seen.add((tuple(prefix), bad["steps"][e]))
-        options = [s for s in solutions if len(s["steps"]) > e and s["steps"][:e] == prefix
-                   and s["steps"][e] != bad["steps"][e] and s["scores"][e] is not None
-                   and s["scores"][e] >= threshold]
-        if options:
-            good = max(options, key=lambda s: (s["correct"], aggregate(s["scores"][e:], "min")))
+        good = chosen_continuation(solutions, prefix, bad, e, threshold)
+        if good:
             pairs.append(make_step_pair(question, gold, prefix, good, bad, e, "other_sample"))
         else:
             unmatched.append((prefix, bad, e))
     return pairs, unmatched
+
+
+def chosen_continuation(candidates, prefix, bad, e, threshold):
+    """The candidate whose step e follows `prefix`, differs from `bad`'s step e and is accepted by the
+    judge, preferring the correct final answer, then the higher min score of the steps from e on; None
+    when there is none."""
+    options = [s for s in candidates if len(s["steps"]) > e and s["steps"][:e] == prefix
+               and s["steps"][e] != bad["steps"][e] and s["scores"][e] is not None
+               and s["scores"][e] >= threshold]
+    return max(options, key=lambda s: (s["correct"], aggregate(s["scores"][e:], "min"))) if options else None
 
 
 def make_step_pair(question, gold, prefix, good, bad, e, source):
@@ -619,11 +622,8 @@ def main(argv):
         s["scores"], s["raw"] = r["scores"], r["raw"]
     rectified = 0
     for (i, prefix, bad, e), row in zip(unmatched, r_solutions):
-        options = [s for s in row if len(s["steps"]) > e and s["steps"][:e] == prefix
-                   and s["steps"][e] != bad["steps"][e] and s["scores"][e] is not None
-                   and s["scores"][e] >= cfg["THRESHOLD"]]
-        if options:
-            good = max(options, key=lambda s: (s["correct"], aggregate(s["scores"][e:], "min")))
+        good = chosen_continuation(row, prefix, bad, e, cfg["THRESHOLD"])
+        if good:
             step_pairs.append(make_step_pair(questions[i], gold[i], prefix, good, bad, e, "rectified"))
             rectified += 1
 

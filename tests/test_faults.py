@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import socket
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ import train_stepwise_dpo as T
 from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, ROOT, JudgeServer, kill_when, prompt_score, run_script,
                       train_args, training_rows)
 from data_utils import DataError
+from real_llm_smoke import free_port
 
 KILL_SEED = 8
 KILLS = [3, pytest.param(10, marks=pytest.mark.slow)]
@@ -170,13 +170,6 @@ def test_damaged_cache_lines_are_dropped_and_recomputed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 2. the HTTP judge
-
-
-def free_port():
-    """A port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TRANSIENT = ["http429", "http500", "http503", "garbage", "no-choices", "sleep0.6", "drop"]
