@@ -15,6 +15,9 @@ the test set:
 - step_dpo_oracle: Step-DPO on pairs built with the task's reference step labels instead of the judge
                    (JUDGE=oracle:...): what a perfect judge would give.
 
+summary.json also says how many step pairs the task's reference step labels agree with (pair_quality:
+prefix right, chosen step right, rejected step wrong), a diagnostic of the judge that training never reads.
+
 Every training run makes the same number of updates (TRAIN_STEPS). A seed sets the order of the pairs
 and the training randomness; the data is the same for all seeds.
 Finished runs are kept (RUN_DIR/runs/<method>-seed<k>/eval.json), so an interrupted experiment continues.
@@ -27,7 +30,7 @@ import sys
 import time
 
 from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, load_model, print_json
-from data_utils import load_problems
+from data_utils import label_steps, load_problems, read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -41,7 +44,7 @@ FIRST_PROBLEM = 4000          # the pairs pool: problems the policy was never su
 N_PROBLEMS = 2000
 K = 8                         # samples per problem
 SAMPLE_TEMPERATURE = 0.7
-THRESHOLD = 0.5               # judge score under which a step is wrong
+THRESHOLD = 0.9               # judge score under which a step is wrong (locates the error of a wrong sample)
 TRAIN_STEPS = 150             # optimizer updates per training run (batch 32), the same for every method
 TRAIN_ARGS = []               # extra --KEY=value for every training run (e.g. ["--LR=1e-4"])
 METHOD_ARGS = {}              # extra --KEY=value per method, e.g. {"step_dpo": ["--BETA=0.1"]}
@@ -73,6 +76,24 @@ def make_pairs(cfg, name, judge):
          f"--TEMPERATURE={cfg['SAMPLE_TEMPERATURE']}", f"--THRESHOLD={cfg['THRESHOLD']}", f"--OUT_DIR={out}"])
     with open(os.path.join(out, "counts.json")) as f:
         return json.load(f)
+
+
+def pair_quality(pairs_file, problems_file):
+    """How many Step-DPO pairs the task's reference step labels agree with: the prefix right, the chosen
+    step right and the rejected step wrong ("clean"), and each part alone. A diagnostic of the judge's
+    pairs only: nothing in training reads it."""
+    gold = {p["question"]: p["answer"] for p in load_problems(problems_file)}
+    counts = dict.fromkeys(("pairs", "clean", "prefix_right", "chosen_right", "rejected_wrong"), 0)
+    for row in read_jsonl(pairs_file):
+        prefix = split_steps(row["initial_reason_steps"])[0]
+        chosen = label_steps(gold[row["prompt"]], prefix + [row["chosen"].strip()])
+        rejected = label_steps(gold[row["prompt"]], prefix + [row["rejected"].strip()])
+        parts = {"prefix_right": all(chosen[:-1]), "chosen_right": chosen[-1], "rejected_wrong": not rejected[-1]}
+        counts["pairs"] += 1
+        counts["clean"] += all(parts.values())
+        for k, v in parts.items():
+            counts[k] += v
+    return counts
 
 
 def greedy_accuracy(cfg, model_path, problems):
@@ -155,6 +176,8 @@ def main(argv):
     summary = {"seeds": cfg["SEEDS"], "methods": methods,
                "mean": {m: statistics.mean(a) for m, a in methods.items()},
                "pairs": {name: {k: c[k] for k in ("step_pairs", "full_pairs", "samples", "correct_samples")}
+                         | {"step_pair_quality": pair_quality(os.path.join(cfg["RUN_DIR"], name, "step_pairs.jsonl"),
+                                                              cfg["TRAIN_FILE"])}
                          for name, c in counts.items()},
                "settings": {k: cfg[k] for k in CONFIG_KEYS}, "wall_seconds": round(time.time() - t0, 1),
                "command": command_line(__file__, argv)}

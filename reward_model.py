@@ -8,10 +8,12 @@ where it stopped and ends with the same bytes as an uninterrupted one):
 1. sample K solutions per training problem from the policy (problems FIRST_PROBLEM.. skip the gold SFT set);
 2. score every step with the judge: P(Yes) / (P(Yes) + P(No)) after the judge prompt (GenRM, Zhang et al.
    2024, arXiv 2408.15240), all steps of a solution in one forward pass (common.pack_judge);
-3. Step-DPO pairs (Lai et al. 2024, arXiv 2406.18629): the first step scored under THRESHOLD is rejected;
-   the chosen step follows the same judge-accepted prefix, taken from another sample or, failing that,
-   from RECTIFY_SAMPLES continuations sampled from the prefix (self-rectification), preferring
-   continuations that reach the correct final answer;
+3. Step-DPO pairs (Lai et al. 2024, arXiv 2406.18629): in a sample with a wrong final answer, the judge
+   locates the error (the first step scored under THRESHOLD, or its lowest-scored step when it accepts
+   them all) and that step is rejected; the chosen step follows the same prefix and comes from a
+   continuation that reaches the correct final answer (CHOSEN_ACCEPTED: also judged right), taken from
+   another sample or, failing that, from RECTIFY_SAMPLES continuations sampled from the prefix
+   (self-rectification);
 4. full-solution pairs with their step scores, for the `weighted` and `outcome` training modes.
 
 Writes OUT_DIR/judged.jsonl (TRL stepwise-supervision shape with float `step_scores`), step_pairs.jsonl
@@ -55,6 +57,11 @@ TOP_P = 1.0
 MAX_NEW_TOKENS = 200
 THRESHOLD = 0.5                   # a step scored below this is judged wrong
 RECTIFY_SAMPLES = 4               # continuations sampled from a prefix when no other sample has a chosen step
+CHOSEN_REACHES_ANSWER = True      # a chosen step's continuation must reach the correct final answer (Step-DPO's
+                                  # filter); False only prefers such continuations
+CHOSEN_ACCEPTED = False           # also require the judge to accept the chosen step (score >= THRESHOLD)
+REJECTED_FROM_WRONG = True        # rejected steps come only from samples with a wrong final answer; False also
+                                  # takes the first judged error of samples whose answer is right
 PACKED = True                     # score all steps of a solution in one forward pass
 CHUNK = 64                        # problems per sampling chunk and solutions per scoring chunk (cache unit)
 BATCH_SIZE = 64
@@ -509,23 +516,36 @@ def step_text(steps):
     return "".join(s + "\n" for s in steps)
 
 
-def find_step_pairs(question, gold, solutions, threshold):
+def error_step(sol, threshold, wrong_only=True):
+    """The step a Step-DPO pair rejects in `sol`, or -1 for none. wrong_only: only a sample whose final
+    answer is wrong has one: its first step scored under `threshold`, or, when the judge accepts every step,
+    the lowest-scored one (a wrong answer means some step is wrong). Otherwise any sample's first judged
+    error. A step the judge left unscored (None) is never picked."""
+    if wrong_only and sol["correct"]:
+        return -1
+    e = first_error(sol["scores"], threshold)
+    if e >= 0 or not wrong_only:
+        return e
+    scored = [k for k, s in enumerate(sol["scores"]) if s is not None]
+    return min(scored, key=lambda k: sol["scores"][k]) if scored else -1
+
+
+def find_step_pairs(question, gold, solutions, threshold, reaches_answer=True, wrong_only=True, accepted=False):
     """Step-DPO pairs among one problem's judged samples.
 
-    solutions: [{"steps", "scores", "correct"}]. For each sample with a first judged error at step e, the
-    chosen step is step e of another sample with the same first e steps whose step e is accepted, preferring
-    samples with the correct final answer, then higher min score. Returns (pairs, unmatched) where
-    unmatched lists (prefix, rejected solution) needing self-rectification."""
+    solutions: [{"steps", "scores", "correct"}]. For each sample with an error step e (error_step), the
+    chosen step is step e of another sample with the same first e steps (chosen_continuation). Returns (pairs, unmatched) where unmatched lists (prefix, rejected solution, e)
+    needing self-rectification."""
     pairs, unmatched, seen = [], [], set()
     for bad in solutions:
-        e = first_error(bad["scores"], threshold)
+        e = error_step(bad, threshold, wrong_only)
         if e < 0 or None in bad["scores"][: e + 1]:
             continue
         prefix = bad["steps"][:e]
         if (tuple(prefix), bad["steps"][e]) in seen:
             continue
         seen.add((tuple(prefix), bad["steps"][e]))
-        good = chosen_continuation(solutions, prefix, bad, e, threshold)
+        good = chosen_continuation(solutions, prefix, bad, e, threshold, reaches_answer, accepted)
         if good:
             pairs.append(make_step_pair(question, gold, prefix, good, bad, e, "other_sample"))
         else:
@@ -533,13 +553,14 @@ def find_step_pairs(question, gold, solutions, threshold):
     return pairs, unmatched
 
 
-def chosen_continuation(candidates, prefix, bad, e, threshold):
-    """The candidate whose step e follows `prefix`, differs from `bad`'s step e and is accepted by the
-    judge, preferring the correct final answer, then the higher min score of the steps from e on; None
-    when there is none."""
+def chosen_continuation(candidates, prefix, bad, e, threshold, reaches_answer=True, accepted=False):
+    """The candidate whose step e follows `prefix` and differs from `bad`'s step e; if `reaches_answer`, it
+    must end in the correct final answer (as Step-DPO's chosen continuations do), and if `accepted`, the judge
+    must accept its step e. Preferred: the correct final answer, then the higher min score of the steps from
+    e on. None when there is none."""
     options = [s for s in candidates if len(s["steps"]) > e and s["steps"][:e] == prefix
                and s["steps"][e] != bad["steps"][e] and s["scores"][e] is not None
-               and s["scores"][e] >= threshold]
+               and (s["scores"][e] >= threshold or not accepted) and (s["correct"] or not reaches_answer)]
     return max(options, key=lambda s: (s["correct"], aggregate(s["scores"][e:], "min"))) if options else None
 
 
@@ -607,7 +628,8 @@ def main(argv):
     # 3. step pairs, then self-rectification for the rejected steps no other sample answers
     step_pairs, unmatched = [], []
     for i, (q, g, row) in enumerate(zip(questions, gold, solutions)):
-        found, missing = find_step_pairs(q, g, row, cfg["THRESHOLD"])
+        found, missing = find_step_pairs(q, g, row, cfg["THRESHOLD"], cfg["CHOSEN_REACHES_ANSWER"],
+                                         cfg["REJECTED_FROM_WRONG"], cfg["CHOSEN_ACCEPTED"])
         step_pairs += found
         unmatched += [(i, *m) for m in missing]
     r_prompts = [prompts[i] + step_text(prefix) for i, prefix, _, _ in unmatched]
@@ -622,7 +644,8 @@ def main(argv):
         s["scores"], s["raw"] = r["scores"], r["raw"]
     rectified = 0
     for (i, prefix, bad, e), row in zip(unmatched, r_solutions):
-        good = chosen_continuation(row, prefix, bad, e, cfg["THRESHOLD"])
+        good = chosen_continuation(row, prefix, bad, e, cfg["THRESHOLD"], cfg["CHOSEN_REACHES_ANSWER"],
+                                   cfg["CHOSEN_ACCEPTED"])
         if good:
             step_pairs.append(make_step_pair(questions[i], gold[i], prefix, good, bad, e, "rectified"))
             rectified += 1

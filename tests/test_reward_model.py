@@ -111,13 +111,14 @@ def sol(steps, scores, correct, final="1"):
     return {"steps": steps, "scores": scores, "correct": correct, "final": final}
 
 
-def test_find_step_pairs_prefers_correct_continuations():
+def test_find_step_pairs_prefers_correct_continuations_when_not_required():
     a = sol(["s1", "bad"], [0.9, 0.1], False, "7")
     b = sol(["s1", "good-wrong-end"], [0.9, 0.95], False, "8")
     c = sol(["s1", "good", "s3"], [0.9, 0.7, 0.8], True, "5")
     d = sol(["other", "x"], [0.2, 0.9], False)
     f = sol(["s1", "good-wrong-end", "z"], [0.9, 0.95, 0.2], False)
-    pairs, unmatched = rm.find_step_pairs("Q", "5", [a, b, c, d, f, dict(a)], 0.5)
+    pairs, unmatched = rm.find_step_pairs("Q", "5", [a, b, c, d, f, dict(a)], 0.5, reaches_answer=False,
+                                          wrong_only=False, accepted=True)
     assert unmatched == [(["s1", "good-wrong-end"], f, 2)]  # no other sample continues that prefix
     assert len(pairs) == 2 and pairs[1][0]["rejected"] == "other\n" and pairs[1][0]["chosen"] == "s1\n"
     assert pairs[1][0]["initial_reason_steps"] == "" and pairs[1][0]["full_chosen"] == "s1\ngood\ns3\n#### 5"
@@ -126,6 +127,33 @@ def test_find_step_pairs_prefers_correct_continuations():
                    "full_chosen": "good\ns3\n#### 5", "full_rejected": "bad\n#### 7", "answer": "5"}
     assert meta == {"source": "other_sample", "chosen_score": 0.7, "rejected_score": 0.1, "chosen_correct": True,
                     "step_index": 1}
+
+
+def test_default_step_pairs_reject_wrong_answers_and_choose_right_ones():
+    # a: wrong answer, the judge flags step 1; b continues the same prefix but ends wrong; c ends right
+    a = sol(["s1", "bad", "x"], [0.9, 0.1, 0.8], False, "7")
+    b = sol(["s1", "other", "y"], [0.9, 0.95, 0.3], False, "8")
+    c = sol(["s1", "good", "z"], [0.9, 0.7, 0.8], True, "5")
+    # e: wrong answer, every step accepted: the lowest-scored step (index 2) is the error
+    e = sol(["s1", "good", "slip"], [0.9, 0.8, 0.6], False, "9")
+    g = sol(["s1", "good", "fine"], [0.9, 0.8, 0.95], True, "5")
+    # h: right answer with a judged error: never rejected by default
+    h = sol(["s1", "bad"], [0.9, 0.2], True, "5")
+    pairs, unmatched = rm.find_step_pairs("Q", "5", [a, b, c, e, g, h], 0.5)
+    found = {(p[0]["initial_reason_steps"], p[0]["chosen"], p[0]["rejected"]) for p in pairs}
+    # b's error is its step 2, which no other sample's prefix reaches: left for self-rectification
+    assert found == {("s1\n", "good\n", "bad\n"), ("s1\ngood\n", "fine\n", "slip\n")}
+    assert unmatched == [(["s1", "other"], b, 2)]
+    assert all(m["chosen_correct"] for _, m in pairs)
+    assert rm.error_step(h, 0.5) == -1 and rm.error_step(h, 0.5, wrong_only=False) == 1
+    assert rm.error_step(sol(["a"], [None], False), 0.5) == -1
+    # without a right-answer continuation there is no chosen step
+    assert rm.chosen_continuation([b], ["s1"], a, 1, 0.5) is None
+    assert rm.chosen_continuation([b], ["s1"], a, 1, 0.5, reaches_answer=False) is b
+    # a right-answer continuation the judge rejects is chosen unless the judge must accept it
+    doubted = sol(["s1", "good", "z"], [0.9, 0.2, 0.8], True, "5")
+    assert rm.chosen_continuation([doubted], ["s1"], a, 1, 0.5) is doubted
+    assert rm.chosen_continuation([doubted], ["s1"], a, 1, 0.5, accepted=True) is None
 
 
 def test_full_pair_needs_a_right_and_a_wrong_sample():
@@ -216,6 +244,7 @@ def test_http_policy_samples_with_seeds_retries_and_order(server):
 def test_reward_model_with_served_policy_and_judge(server, tmp_path):
     args = [f"--POLICY={server}", "--POLICY_MODEL_NAME=pol", f"--JUDGE={server}", "--JUDGE_MODEL_NAME=jud",
             "--N_PROBLEMS=3", "--K=3", "--CHUNK=2", "--HTTP_WORKERS=2", "--JUDGE_LOGPROBS=20",
+            "--REJECTED_FROM_WRONG=False",  # the fake judge accepts every step: no pairs, no rectification
             f"--OUT_DIR={tmp_path}/out", f"--CACHE_DIR={tmp_path}/cache"]
     rm.main(args)
     judged = [json.loads(x) for x in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]

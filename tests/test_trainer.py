@@ -77,7 +77,11 @@ def test_sequence_logps_equal_separate_forwards(tiny_tokenizer, models, sharing)
     policy, _ = models
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
     feats += [T.build_features(tiny_tokenizer, r, "outcome") for r in FULL_ROWS]
+    long_prefix = STEP_ROWS[1] | {"initial_reason_steps": STEP_ROWS[1]["initial_reason_steps"] * 12}
+    feats.append(T.build_features(tiny_tokenizer, long_prefix, "step"))
     batch = T.collate(feats, tiny_tokenizer.pad_token_id, prefix_sharing=sharing)
+    if sharing:  # shorter pairs share rows in the width of the longest
+        assert len(batch["input_ids"]) < len(feats)
     with torch.no_grad():
         got = T.sequence_logps(policy, batch, prefix_sharing=sharing)
         for i, f in enumerate(feats):
@@ -87,6 +91,13 @@ def test_sequence_logps_equal_separate_forwards(tiny_tokenizer, models, sharing)
             assert got["rejected"][i].item() == pytest.approx(naive_logp(policy, f["prompt_ids"], f["rejected_ids"]),
                                                               abs=tol)
             assert got["chosen_tokens"][i].item() == len(f["chosen_ids"])
+
+
+def test_pack_rows_first_fit_decreasing():
+    assert T.pack_rows([10, 3, 4, 6, 7], 10) == [[0], [4, 1], [3, 2]]
+    assert T.pack_rows([10, 3, 4, 6, 7], 20) == [[0, 4, 1], [3, 2]]
+    assert sorted(i for row in T.pack_rows([5] * 7, 12) for i in row) == list(range(7))
+    assert T.pack_rows([4, 4, 4, 4], 1) == [[0], [1], [2], [3]]
 
 
 def test_step_features_have_no_eos_and_full_features_end_with_eos(tiny_tokenizer):
