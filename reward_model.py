@@ -534,8 +534,8 @@ def find_step_pairs(question, gold, solutions, threshold, reaches_answer=True, w
     """Step-DPO pairs among one problem's judged samples.
 
     solutions: [{"steps", "scores", "correct"}]. For each sample with an error step e (error_step), the
-    chosen step is step e of another sample with the same first e steps (chosen_continuation). Returns (pairs, unmatched) where unmatched lists (prefix, rejected solution, e)
-    needing self-rectification."""
+    chosen step is step e of another sample with the same first e steps (chosen_continuation). Returns
+    (pairs, unmatched) where unmatched lists (prefix, rejected solution, e) needing self-rectification."""
     pairs, unmatched, seen = [], [], set()
     for bad in solutions:
         e = error_step(bad, threshold, wrong_only)

@@ -189,9 +189,13 @@ def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
     lengths = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
     if prefix_sharing:
         rows = pack_rows([p + c + j for p, c, j in lengths], int(pack_factor * max(map(sum, lengths))))
-        width = max(sum(sum(lengths[i]) for i in row) for row in rows)
-        place = {i: (r, sum(sum(lengths[k]) for k in row[: row.index(i)])) for r, row in enumerate(rows)
-                 for i in row}                                   # pair -> (row, offset)
+        place, width = {}, 0                                     # pair -> (row, offset); widest row
+        for r, row in enumerate(rows):
+            offset = 0
+            for i in row:
+                place[i] = (r, offset)
+                offset += sum(lengths[i])
+            width = max(width, offset)
         n_rows = len(rows)
     else:
         width = max(p + max(c, j) for p, c, j in lengths)
@@ -207,7 +211,8 @@ def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
     for i, ((p, c, j), f) in enumerate(zip(lengths, features)):
         prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
         if prefix_sharing:
-            (rc, o), rr = place[i], place[i][0]
+            rc, o = place[i]
+            rr = rc
             span = slice(o, o + p + c + j)
             ids[rc, span] = torch.tensor(prompt + chosen + rejected)
             pos[rc, span] = torch.cat([torch.arange(p + c), torch.arange(p, p + j)])
@@ -250,7 +255,8 @@ def attention_mask_4d(part, segment, dtype):
     width = part.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=part.device).tril()
     q, k = part[:, :, None], part[:, None, :]
-    visible = causal & (segment[:, :, None] == segment[:, None, :]) & (((k == 0) & (q != 3)) | (k == q))
+    # padding (segment -1) never shares a segment with a prompt, so it sees only padding
+    visible = causal & (segment[:, :, None] == segment[:, None, :]) & ((k == 0) | (k == q))
     return torch.zeros(visible.shape, dtype=dtype, device=part.device).masked_fill(
         ~visible, torch.finfo(dtype).min)[:, None]
 
@@ -405,7 +411,7 @@ class JsonlMetrics(TrainerCallback):
 # ----------------------------------------------------------------------------- reference, plots, main
 
 
-def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None):
+def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None, pack_factor=2.0):
     """Reference log-probs of every pair, one pass before training; the frozen reference makes this exact.
     Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached."""
     from tqdm import tqdm
@@ -418,7 +424,7 @@ def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, ca
         model.eval()
         with torch.no_grad():
             for start in tqdm(range(0, len(features), batch_size), desc="reference log-probs"):
-                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing)
+                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing, pack_factor)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 out = sequence_logps(model, batch, prefix_sharing)
                 values += [list(v) for v in zip(out["chosen"].tolist(), out["rejected"].tolist(),
@@ -516,7 +522,7 @@ def main(argv):
         key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(features)}-{int(cfg['PREFIX_SHARING'])}"
         model.to(default_device())  # the Trainer moves it there anyway; the reference pass should not run on CPU
         precompute_reference(model, features, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
-                             os.path.join("cache", "reference", f"{key}.json"))
+                             os.path.join("cache", "reference", f"{key}.json"), cfg["PACK_FACTOR"])
     elif not cfg["LORA"]:
         ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
         ref_model.requires_grad_(False)
