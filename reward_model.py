@@ -162,19 +162,22 @@ class LocalJudge:
         """items: [(question, steps)] -> [{"scores": [float per step], "raw": None}]."""
         torch = self.torch
         packs = [pack_judge(self.tokenizer, q, steps) for q, steps in items]
-        out = []
         with torch.no_grad():
             if self.packed:
+                # solutions of similar length share a batch, so little of it is padding
+                order = sorted(range(len(packs)), key=lambda i: len(packs[i][0]))
+                out = [None] * len(packs)
                 for start in range(0, len(packs), self.batch_size):
-                    batch = packs[start:start + self.batch_size]
+                    index = order[start:start + self.batch_size]
+                    batch = [packs[i] for i in index]
                     ids, pos, mask = packed_batch(batch, self.tokenizer.pad_token_id, self.model.dtype)
                     ids, pos, mask = ids.to(self.model.device), pos.to(self.model.device), mask.to(self.model.device)
                     rows = torch.tensor([r for r, p in enumerate(batch) for _ in p[3]], dtype=torch.long)
                     cols = torch.tensor([i for p in batch for i in p[3]], dtype=torch.long)
                     logits = self.answer_logits(ids, mask, pos, rows, cols)
                     counts = [len(p[3]) for p in batch]
-                    for chunk in logits.split(counts):
-                        out.append(self._scores(chunk) if len(chunk) else [])
+                    for i, chunk in zip(index, logits.split(counts)):
+                        out[i] = self._scores(chunk) if len(chunk) else []
             else:
                 rows = [(i, step_prompt_ids(p, k)) for i, p in enumerate(packs) for k in range(len(p[3]))]
                 flat = []

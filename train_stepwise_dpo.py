@@ -154,11 +154,13 @@ def build_features(tokenizer, row, mode):
 
 
 def pack_rows(lengths, width):
-    """Rows of pair indices, first-fit decreasing into rows of `width` tokens (at least the longest pair), so
-    that pairs share rows instead of each padding its own."""
+    """Rows of pair indices: first-fit decreasing into rows of `width` tokens (at least the longest pair),
+    so that pairs share rows instead of each padding its own; then the same number of rows filled longest
+    first into the emptiest row, kept when its fullest row is shorter (every row pads to the fullest one)."""
     width = max(width, max(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for i in order:
         r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if r is None:
             rows.append([])
@@ -166,7 +168,12 @@ def pack_rows(lengths, width):
             r = len(rows) - 1
         rows[r].append(i)
         room[r] -= lengths[i]
-    return rows
+    balanced, fill = [[] for _ in rows], [0] * len(rows)
+    for i in order:
+        r = min(range(len(rows)), key=lambda r: (fill[r], r))
+        balanced[r].append(i)
+        fill[r] += lengths[i]
+    return balanced if max(fill) < width - min(room) else rows
 
 
 def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):

@@ -3,20 +3,26 @@
     python bench/judge_scoring.py            # -> results/bench/judge_scoring.json
 
 Both paths run in this process on the same solutions, model and batch size (in rows: BATCH solutions
-packed, or BATCH step prompts), and their scores are compared. Models: the bundled judge and a randomly
+packed, or BATCH step prompts), and their scores are compared. The packed path batches solutions of
+similar length together; the per-step path batches the step prompts in the order they arise (solution by
+solution). Each row records the tokens each path runs, padding included and not, so the share of the
+speedup that comes from padding is visible. The two paths alternate REPEATS times and each one's fastest
+time counts (the machine's speed drifts between runs). Models: the bundled judge and a randomly
 initialised ~30M-parameter Llama-style model with the same tokenizer (speed does not depend on the
 weights). Solutions come from the bundled test set, cut to exactly 2, 4 and 8 steps.
 """
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import atomic_write_json, command_line, config_from_argv, load_model, print_json  # noqa: E402
+from common import (atomic_write_json, command_line, config_from_argv, load_model, pack_judge,  # noqa: E402
+                    print_json)
 from data_utils import load_problems, split_steps  # noqa: E402
-from reward_model import LocalJudge  # noqa: E402
+from reward_model import LocalJudge, step_prompt_ids  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 JUDGE = "models/judge"
@@ -41,13 +47,26 @@ def solutions_with_steps(problems, n_steps, count):
     return items
 
 
-def timed(fn, repeats):
-    best, result = float("inf"), None
+def timed(fns, repeats):
+    """Fastest time and last result of each function, run in turns `repeats` times."""
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            results[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best, results
+
+
+def tokens_run(lengths, batch):
+    """(with padding, without) tokens of rows of `lengths` batched `batch` at a time in this order."""
+    chunks = [lengths[i:i + batch] for i in range(0, len(lengths), batch)]
+    return sum(len(c) * max(c) for c in chunks), sum(lengths)
+
+
+def score(judge, items, packed):
+    judge.packed = packed
+    return judge.score(items)
 
 
 def main(argv):
@@ -67,15 +86,18 @@ def main(argv):
         judge = LocalJudge(model, tokenizer, cfg["JUDGE"], batch_size=cfg["BATCH"])
         for n in cfg["STEPS"]:
             items = solutions_with_steps(problems, n, cfg["N_SOLUTIONS"])
-            judge.packed = True
-            t_packed, packed = timed(lambda: judge.score(items), cfg["REPEATS"])
-            judge.packed = False
-            t_step, per_step = timed(lambda: judge.score(items), cfg["REPEATS"])
+            (t_packed, t_step), (packed, per_step) = timed(
+                [partial(score, judge, items, True), partial(score, judge, items, False)], cfg["REPEATS"])
+            packs = [pack_judge(tokenizer, q, steps) for q, steps in items]
+            packed_tokens = tokens_run(sorted(len(p[0]) for p in packs), cfg["BATCH"])
+            per_step_tokens = tokens_run([len(step_prompt_ids(p, k)) for p in packs for k in range(len(p[3]))],
+                                         cfg["BATCH"])
             diff = max(abs(a - b) for x, y in zip(packed, per_step) for a, b in zip(x["scores"], y["scores"]))
             total = n * len(items)
             row = {"steps": n, "model": name, "packed_per_s": round(total / t_packed, 1),
                    "per_step_per_s": round(total / t_step, 1), "speedup": round(t_step / t_packed, 2),
-                   "max_abs_diff": diff}
+                   "max_abs_diff": diff, "packed_tokens": packed_tokens[0], "per_step_tokens": per_step_tokens[0],
+                   "packed_real_tokens": packed_tokens[1], "per_step_real_tokens": per_step_tokens[1]}
             print_json(row)
             rows.append(row)
     atomic_write_json(cfg["OUT_FILE"], {"rows": rows, "batch": cfg["BATCH"], "n_solutions": cfg["N_SOLUTIONS"],

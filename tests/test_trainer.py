@@ -93,9 +93,10 @@ def test_sequence_logps_equal_separate_forwards(tiny_tokenizer, models, sharing)
             assert got["chosen_tokens"][i].item() == len(f["chosen_ids"])
 
 
-def test_pack_rows_first_fit_decreasing():
-    assert T.pack_rows([10, 3, 4, 6, 7], 10) == [[0], [4, 1], [3, 2]]
-    assert T.pack_rows([10, 3, 4, 6, 7], 20) == [[0, 4, 1], [3, 2]]
+def test_pack_rows_first_fit_decreasing_then_balanced():
+    assert T.pack_rows([10, 3, 4, 6, 7], 10) == [[0], [4, 1], [3, 2]]   # balancing 3 rows: no shorter
+    # first fit: [[0, 4, 1], [3, 2]], fullest row 20; balanced over 2 rows: [[0, 2], [4, 3, 1]], fullest 16
+    assert T.pack_rows([10, 3, 4, 6, 7], 20) == [[0, 2], [4, 3, 1]]
     assert sorted(i for row in T.pack_rows([5] * 7, 12) for i in row) == list(range(7))
     assert T.pack_rows([4, 4, 4, 4], 1) == [[0], [1], [2], [3]]
 
