@@ -38,7 +38,8 @@ def parse_value(key, text, default):
 
 def config_from_argv(defaults, argv):
     """Resolved config: `defaults` (the script's UPPER_CASE tunables) overridden by `--KEY=value` args.
-    Unknown keys and values of the wrong type stop the script with the list of valid keys."""
+    An unknown key stops the script with the list of valid keys; a value of the wrong type, with the type
+    the key expects."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -211,6 +212,21 @@ def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=No
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def logits_at(model, rows, cols, **inputs):
+    """Logits at the (rows, cols) positions only: the decoder runs on every token, the vocabulary projection
+    only where it is read (with a 150k vocabulary the full logits of a batch take GBs). A model wrapped for
+    distributed training (`.module`), or whose head does more than a linear map (logit soft-capping or
+    scaling), takes the plain full-logits path."""
+    config = model.config if not hasattr(model, "module") else None
+    plain_head = config is not None and not any(getattr(config, a, None) for a in (
+        "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+    decoder = model.get_decoder() if plain_head else None
+    head = model.get_output_embeddings() if plain_head else None
+    if decoder is not None and head is not None:
+        return head(decoder(**inputs).last_hidden_state[rows, cols])
+    return model(**inputs).logits[rows, cols]
 
 
 def truncate_solution(text):

@@ -31,8 +31,8 @@ import urllib.request
 
 from common import (JUDGE_HEADER, JUDGE_NO, JUDGE_STEP, JUDGE_SUFFIX, JUDGE_YES, answer_token_ids,
                     atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, default_device,
-                    judge_segments, load_model, load_tokenizer, pack_judge, packed_batch, policy_prompt,
-                    print_json, sample, truncate_solution)
+                    judge_segments, load_model, load_tokenizer, logits_at, pack_judge, packed_batch,
+                    policy_prompt, print_json, sample, truncate_solution)
 from data_utils import answers_match, join_solution, label_steps, load_problems, split_steps
 
 # ----------------------------------------------------------------------------- tunables
@@ -144,20 +144,6 @@ class LocalJudge:
         lse_no = logp[:, self.no].logsumexp(-1)
         return [yes_probability(a, b) for a, b in zip(lse_yes.tolist(), lse_no.tolist())]
 
-    def answer_logits(self, ids, mask, pos, rows, cols):
-        """Logits at the (rows, cols) answer positions only. The vocabulary projection runs on those few
-        positions rather than on every token of the packed sequences (with a 150k vocabulary the full
-        logits of one 8-step pack take hundreds of MB); models whose head does more than a linear map
-        (logit soft-capping or scaling) take the plain full-logits path."""
-        config = self.model.config
-        plain_head = not any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale",
-                                                                  "logits_scaling", "output_multiplier"))
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if plain_head and decoder is not None and head is not None:
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            return head(hidden[rows, cols])
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[rows, cols]
-
     def score(self, items):
         """items: [(question, steps)] -> [{"scores": [float per step], "raw": None}]."""
         torch = self.torch
@@ -174,7 +160,7 @@ class LocalJudge:
                     ids, pos, mask = ids.to(self.model.device), pos.to(self.model.device), mask.to(self.model.device)
                     rows = torch.tensor([r for r, p in enumerate(batch) for _ in p[3]], dtype=torch.long)
                     cols = torch.tensor([i for p in batch for i in p[3]], dtype=torch.long)
-                    logits = self.answer_logits(ids, mask, pos, rows, cols)
+                    logits = logits_at(self.model, rows, cols, input_ids=ids, attention_mask=mask, position_ids=pos)
                     counts = [len(p[3]) for p in batch]
                     for i, chunk in zip(index, logits.split(counts)):
                         out[i] = self._scores(chunk) if len(chunk) else []

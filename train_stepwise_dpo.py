@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, default_device, encode,
-                    load_model, policy_prompt, print_json)
+                    load_model, logits_at, policy_prompt, print_json)
 from data_utils import read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
@@ -270,25 +270,34 @@ def attention_mask_4d(part, segment, dtype):
 
 def sequence_logps(model, batch, prefix_sharing=True):
     """Per pair: (chosen weighted sum, rejected weighted sum, chosen plain sum, rejected plain sum,
-    chosen token count, rejected token count) of log pi(token), from one forward."""
+    chosen token count, rejected token count) of log pi(token), from one forward. The vocabulary projection
+    runs only at the positions that predict a scored token (common.logits_at): in a Step-DPO pair most
+    tokens are prompt and prefix."""
     mask = attention_mask_4d(batch["part"], batch["segment"], next(model.parameters()).dtype)  # model may be DDP-wrapped
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
-    logits = logits.float()
-    lse = logits.logsumexp(-1)                                       # (rows, L)
+    scored = (batch["chosen_scored"] + batch["rejected_scored"]) > 0
+    if prefix_sharing:
+        scored[batch["first_row"], batch["last_prompt"]] = True
+    rows, cols = scored.nonzero(as_tuple=True)
+    logits = logits_at(model, rows, cols, input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=batch["position_ids"]).float()  # (positions, vocab)
+    lse = logits.logsumexp(-1)
     n = len(batch["first_rejected"]) if prefix_sharing else len(batch["input_ids"]) // 2
-    pair = batch["pair"].flatten()
+    pair = batch["pair"][rows, cols]
 
-    def per_pair(values):                                            # (rows, L) -> (n,) sums by pair
-        return values.new_zeros(n + 1).index_add(0, pair, values.flatten())[:n]
+    def per_pair(values):                                            # (positions,) -> (n,) sums by pair
+        return values.new_zeros(n + 1).index_add(0, pair, values)[:n]
 
     out = {}
     for side in ("chosen", "rejected"):
-        token_logp = logits.gather(-1, batch[f"{side}_targets"][..., None]).squeeze(-1) - lse
-        out[side] = [per_pair(token_logp * batch[f"{side}_weights"]), per_pair(token_logp * batch[f"{side}_scored"]),
-                     per_pair(batch[f"{side}_scored"])]
+        token_logp = logits.gather(-1, batch[f"{side}_targets"][rows, cols, None]).squeeze(-1) - lse
+        scored_here = batch[f"{side}_scored"][rows, cols]
+        out[side] = [per_pair(token_logp * batch[f"{side}_weights"][rows, cols]), per_pair(token_logp * scored_here),
+                     per_pair(scored_here)]
     if prefix_sharing:
-        row, col = batch["first_row"], batch["last_prompt"]
-        first = logits[row, col, batch["first_rejected"]] - lse[row, col]
+        where = torch.full(scored.shape, -1, dtype=torch.long, device=scored.device)
+        where[rows, cols] = torch.arange(len(rows), device=scored.device)
+        at = where[batch["first_row"], batch["last_prompt"]]
+        first = logits[at, batch["first_rejected"]] - lse[at]
         out["rejected"][0] = out["rejected"][0] + first * batch["first_rejected_weight"]
         out["rejected"][1] = out["rejected"][1] + first
         out["rejected"][2] = out["rejected"][2] + 1
