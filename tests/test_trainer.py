@@ -93,6 +93,36 @@ def test_sequence_logps_equal_separate_forwards(tiny_tokenizer, models, sharing)
             assert got["chosen_tokens"][i].item() == len(f["chosen_ids"])
 
 
+class Wrapped(torch.nn.Module):
+    """Stands for a model wrapped for distributed training (DDP's `.module`): it has no decoder to call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+
+def test_projection_at_scored_positions_equals_full_logits_and_gradients(tiny_tokenizer, models):
+    """The head-only-where-scored path (plain model) against the full-logits path (wrapped model): the same
+    log-probs and the same gradients."""
+    policy, _ = models
+    feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
+    batch = T.collate(feats, tiny_tokenizer.pad_token_id)
+    grads = []
+    for model in (policy, Wrapped(policy)):
+        policy.zero_grad()
+        out = T.sequence_logps(model, batch)
+        (out["chosen"] - out["rejected"]).sum().backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+        values = torch.stack([out[k] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")])
+        grads[-1].append(values.detach())
+    policy.zero_grad()
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_pack_rows_first_fit_decreasing_then_balanced():
     assert T.pack_rows([10, 3, 4, 6, 7], 10) == [[0], [4, 1], [3, 2]]   # balancing 3 rows: no shorter
     # first fit: [[0, 4, 1], [3, 2]], fullest row 20; balanced over 2 rows: [[0, 2], [4, 3, 1]], fullest 16
