@@ -219,13 +219,11 @@ def logits_at(model, rows, cols, **inputs):
     only where it is read (with a 150k vocabulary the full logits of a batch take GBs). A model wrapped for
     distributed training (`.module`), or whose head does more than a linear map (logit soft-capping or
     scaling), takes the plain full-logits path."""
-    config = model.config if not hasattr(model, "module") else None
-    plain_head = config is not None and not any(getattr(config, a, None) for a in (
-        "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
-    decoder = model.get_decoder() if plain_head else None
-    head = model.get_output_embeddings() if plain_head else None
-    if decoder is not None and head is not None:
-        return head(decoder(**inputs).last_hidden_state[rows, cols])
+    if not hasattr(model, "module") and not any(getattr(model.config, a, None) for a in (
+            "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")):
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        if decoder is not None and head is not None:
+            return head(decoder(**inputs).last_hidden_state[rows, cols])
     return model(**inputs).logits[rows, cols]
 
 
