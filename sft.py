@@ -15,8 +15,9 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
 - The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
   common.py with Yes/No, on gold solutions, on automatically corrupted ones (data_utils.corrupt_solution)
   and on the policy's own samples of gold-set problems, all labelled by the programmatic checker, and,
-  jointly, to write the gold solutions of all training problems (verification alone is one bit per step
-  and learns arithmetic slowly). It never sees the problems of the pairs pool or the test set.
+  jointly, to write gold solutions (verification alone is one bit per step and learns arithmetic slowly).
+  It learns from every training problem except the pairs pool (JUDGE_HELD_OUT) and never from the test
+  set, so no label it learned from belongs to a problem whose samples it later judges.
 
 Each model folder keeps build_config.json; a build whose config matches it is skipped.
 """
@@ -33,6 +34,7 @@ import torch
 from common import (atomic_write_json, command_line, config_from_argv, encode, judge_answer_text,
                     judge_segments, pack_judge, packed_batch, policy_prompt, print_json)
 from data_utils import corrupt_solution, join_solution, label_steps, load_problems, split_steps
+from reward_model import fingerprint
 
 # ----------------------------------------------------------------------------- tunables
 TRAIN_FILE = "data/train.jsonl"
@@ -67,6 +69,8 @@ JUDGE_SAMPLE_K = 4            # disjoint from the pairs pool of reward_model.py)
 JUDGE_SAMPLE_TEMPERATURE = 0.7
 JUDGE_SFT_BATCH = 16      # gold solutions per step the judge also learns to write (GenRM's joint training:
                           # the dense next-token signal teaches it the arithmetic it must verify)
+JUDGE_HELD_OUT = [4000, 6000]  # [first, end) of the training problems the judge never learns from: the pairs
+                               # pools of reward_model.py (4000-4999) and experiments.py (4000-5999)
 # shared optimizer details
 WARMUP_STEPS = 50
 WEIGHT_DECAY = 0.01
@@ -251,6 +255,8 @@ def policy_samples(cfg, problems):
 
 def build_judge(cfg, tokenizer, problems):
     rng = random.Random(cfg["SEED"] + 1)
+    first, end = cfg["JUDGE_HELD_OUT"]
+    problems = problems[:first] + problems[end:]
     parsed = [(p, *split_steps(p["answer"], strip_calc=True)) for p in problems]
     samples = policy_samples(cfg, problems)
     n_wrong = sum(not all(label_steps(p["answer"], steps)) for p, steps in samples)
@@ -298,16 +304,8 @@ POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "
                "POLICY_STEPS", "POLICY_BATCH", "POLICY_LR"]
 JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
               "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH", "SAMPLE_PROB", "JUDGE_SAMPLE_PROBLEMS",
-              "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE"]
+              "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE", "JUDGE_HELD_OUT"]
 SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
-
-
-def policy_hash(cfg):
-    path = os.path.join(cfg["MODELS_DIR"], "policy", "model.safetensors")
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def main(argv):
@@ -325,7 +323,7 @@ def main(argv):
         build_config = {k: cfg[k] for k in keys} | {"data_sha256": data_hash, "command": command_line(__file__, argv)}
         out_dir = os.path.join(cfg["MODELS_DIR"], name)
         if name == "judge":  # the judge learns from the policy's samples
-            build_config["policy_sha256"] = policy_hash(cfg)
+            build_config["policy_fingerprint"] = fingerprint(os.path.join(cfg["MODELS_DIR"], "policy"))
         if not cfg["FORCE"] and "policy" not in plans and up_to_date(out_dir, build_config):
             print_json({"model": out_dir, "status": "up to date, skipped (--FORCE=true rebuilds)"})
         else:
@@ -337,7 +335,7 @@ def main(argv):
         t0 = time.time()
         builder = build_policy if name == "policy" else build_judge
         if name == "judge":
-            build_config["policy_sha256"] = policy_hash(cfg)
+            build_config["policy_fingerprint"] = fingerprint(os.path.join(cfg["MODELS_DIR"], "policy"))
         model, losses, model_tokenizer = builder(cfg, tokenizer, problems)
         build_config["build_seconds"] = round(time.time() - t0, 1)
         save_model(model, model_tokenizer, out_dir, build_config, losses)
