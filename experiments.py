@@ -30,7 +30,7 @@ import sys
 import time
 
 from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, load_model, print_json
-from data_utils import label_steps, load_problems, read_jsonl, split_steps
+from data_utils import eval_arith, find_equations, label_steps, load_problems, read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -78,21 +78,43 @@ def make_pairs(cfg, name, judge):
         return json.load(f)
 
 
+def arithmetic_slip(step):
+    """True when the step's last equation is arithmetically wrong ('32 + 12 = 42')."""
+    eqs = find_equations(step)
+    try:
+        return bool(eqs) and eval_arith(eqs[-1][0]) != eqs[-1][1]
+    except ValueError:
+        return False
+
+
 def pair_quality(pairs_file, problems_file):
     """How many Step-DPO pairs the task's reference step labels agree with: the prefix right, the chosen
-    step right and the rejected step wrong ("clean"), and each part alone. A diagnostic of the judge's
-    pairs only: nothing in training reads it."""
+    step right and the rejected step wrong ("clean"), and each part alone; how many wrong chosen steps are
+    arithmetic slips; and how well the judge's score of the chosen step (step_pairs_meta.jsonl) separates
+    right from wrong chosen steps (AUROC; 0.5 is chance). A diagnostic of the pairs only: nothing in
+    training reads it."""
+    from evaluate import auroc
+
     gold = {p["question"]: p["answer"] for p in load_problems(problems_file)}
-    counts = dict.fromkeys(("pairs", "clean", "prefix_right", "chosen_right", "rejected_wrong"), 0)
-    for row in read_jsonl(pairs_file):
+    meta_file = pairs_file.replace("step_pairs.jsonl", "step_pairs_meta.jsonl")
+    metas = read_jsonl(meta_file) if os.path.exists(meta_file) else None
+    counts = dict.fromkeys(("pairs", "clean", "prefix_right", "chosen_right", "rejected_wrong",
+                            "chosen_wrong_arithmetic_slip"), 0)
+    chosen_scores, chosen_ok = [], []
+    for k, row in enumerate(read_jsonl(pairs_file)):
         prefix = split_steps(row["initial_reason_steps"])[0]
         chosen = label_steps(gold[row["prompt"]], prefix + [row["chosen"].strip()])
         rejected = label_steps(gold[row["prompt"]], prefix + [row["rejected"].strip()])
         parts = {"prefix_right": all(chosen[:-1]), "chosen_right": chosen[-1], "rejected_wrong": not rejected[-1]}
         counts["pairs"] += 1
         counts["clean"] += all(parts.values())
-        for k, v in parts.items():
-            counts[k] += v
+        for key, v in parts.items():
+            counts[key] += v
+        counts["chosen_wrong_arithmetic_slip"] += not chosen[-1] and arithmetic_slip(row["chosen"].strip())
+        if metas and metas[k]["chosen_score"] is not None:
+            chosen_scores.append(metas[k]["chosen_score"])
+            chosen_ok.append(chosen[-1])
+    counts["chosen_score_auroc"] = auroc(chosen_scores, chosen_ok) if chosen_scores else None
     return counts
 
 
