@@ -147,3 +147,37 @@ def test_evaluate_main_writes_run_folder(tmp_path):
     assert (out / "passk.png").stat().st_size > 1000
     recount = sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 6
     assert metrics["greedy_acc"] == recount
+
+
+def test_pairs_pools_are_held_out_from_the_judge_and_the_policy():
+    """The problems whose samples the judge scores for pairs (reward_model.py, experiments.py defaults) lie
+    inside the judge's held-out range and outside the policy's gold set, and the committed judge was built
+    with that range."""
+    import experiments
+    import reward_model
+
+    first, end = sft.JUDGE_HELD_OUT
+    for mod in (reward_model, experiments):
+        lo, hi = mod.FIRST_PROBLEM, mod.FIRST_PROBLEM + mod.N_PROBLEMS
+        assert sft.SFT_GOLD_SIZE <= lo and first <= lo and hi <= end, mod.__name__
+    with open(os.path.join(COMMITTED, "judge", "build_config.json")) as f:
+        assert json.load(f)["JUDGE_HELD_OUT"] == [first, end]
+    assert sft.JUDGE_SAMPLE_PROBLEMS <= min(first, sft.SFT_GOLD_SIZE)
+
+
+def test_pair_quality_counts_clean_pairs_slips_and_the_judges_chosen_auroc(tmp_path):
+    import experiments
+    from data_utils import find_equations, replace_equation
+
+    problem = load_problems(os.path.join(ROOT, "data", "test.jsonl"))[0]
+    step = split_steps(problem["answer"], strip_calc=True)[0][0]
+    lhs, value = find_equations(step)[-1]
+    slip = [replace_equation(step, lhs, value, lhs, value + d) for d in (1, 2)]
+    rows = [{"prompt": problem["question"], "initial_reason_steps": "", "chosen": c + "\n", "rejected": r + "\n"}
+            for c, r in ((step, slip[0]), (slip[0], slip[1]))]
+    atomic_write_jsonl(str(tmp_path / "problems.jsonl"), [problem])
+    atomic_write_jsonl(str(tmp_path / "step_pairs.jsonl"), rows)
+    atomic_write_jsonl(str(tmp_path / "step_pairs_meta.jsonl"), [{"chosen_score": 0.9}, {"chosen_score": 0.2}])
+    q = experiments.pair_quality(str(tmp_path / "step_pairs.jsonl"), str(tmp_path / "problems.jsonl"))
+    assert q == {"pairs": 2, "clean": 1, "prefix_right": 2, "chosen_right": 1, "rejected_wrong": 2,
+                 "chosen_wrong_arithmetic_slip": 1, "chosen_score_auroc": 1.0}
