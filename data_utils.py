@@ -346,6 +346,15 @@ def label_steps(gold_answer, steps):
     return labels
 
 
+def arithmetic_slip(step):
+    """True when the step's last equation is arithmetically wrong ('32 + 12 = 42')."""
+    eqs = find_equations(step)
+    try:
+        return bool(eqs) and eval_arith(eqs[-1][0]) != eqs[-1][1]
+    except ValueError:
+        return False
+
+
 def fmt_number(value):
     """Fraction -> '12', '-3', '7/2'."""
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"

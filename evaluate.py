@@ -18,7 +18,8 @@ from math import comb
 
 from common import (atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, default_device,
                     load_model, policy_prompt, print_json, sample)
-from data_utils import answers_match, extract_answer, label_steps, load_problems, normalize_answer, split_steps
+from data_utils import (answers_match, arithmetic_slip, extract_answer, label_steps, load_problems,
+                        normalize_answer, split_steps)
 from reward_model import DiskCache, aggregate, first_error, make_judge, score_solutions
 
 # ----------------------------------------------------------------------------- tunables
@@ -132,6 +133,22 @@ def processbench_f1(predicted, reference):
             "n_correct": len(ok)}
 
 
+def first_error_auroc(solutions):
+    """How well the judge separates right steps from first errors, by kind of error: AUROC of the scores of
+    every right step against those of the first wrong steps that are arithmetic slips ('39 + 15 = 52'),
+    and against the other first errors (a wrong quantity or operation). solutions: [(steps, labels,
+    scores)]. The first errors are what ProcessBench F1 asks the judge to find."""
+    right, slips, other = [], [], []
+    for steps, labels, scores in solutions:
+        right += [x for x, ok in zip(scores, labels) if ok]
+        e = next((j for j, ok in enumerate(labels) if not ok), -1)
+        if e >= 0:
+            (slips if arithmetic_slip(steps[e]) else other).append(scores[e])
+    return {kind: auroc(right + wrong, [True] * len(right) + [False] * len(wrong))
+            for kind, wrong in (("arithmetic_slip", slips), ("other", other))} | {
+        "n_right_steps": len(right), "n_arithmetic_slip": len(slips), "n_other": len(other)}
+
+
 def judge_pick(step_scores, how):
     """Index of the sample with the best aggregated judge score (first on ties)."""
     values = [aggregate(s, how) for s in step_scores]
@@ -152,18 +169,21 @@ def judge_metrics(problems, records, judge, cache, threshold, chunk):
                  for r in records]
         out[f"judge_{how}"] = sum(answers_match(r["sample_answers"][p], r["gold"])
                                   for r, p in zip(records, picks)) / len(records)
-    step_scores, step_labels, predicted, reference = [], [], [], []
+    step_scores, step_labels, predicted, reference, solutions = [], [], [], [], []
     for p, r in zip(problems, records):
         for text, scores in zip(r["samples"], r["step_scores"]):
-            labels = label_steps(p["answer"], split_steps(text)[0])
+            steps = split_steps(text)[0]
+            labels = label_steps(p["answer"], steps)
             scores = [x if x is not None else 0.5 for x in scores]
             step_scores += scores
             step_labels += labels
+            solutions.append((steps, labels, scores))
             predicted.append(first_error(scores, threshold))
             reference.append(next((j for j, ok in enumerate(labels) if not ok), -1))
     quality = {"step_auroc": auroc(step_scores, step_labels),
                "step_accuracy": sum((s >= threshold) == y for s, y in zip(step_scores, step_labels)) / len(step_labels),
                "processbench": processbench_f1(predicted, reference),
+               "first_error_auroc": first_error_auroc(solutions),
                "n_steps": len(step_labels), "n_wrong_steps": step_labels.count(False),
                "unparseable": sum(x is None for r in records for s in r["step_scores"] for x in s)}
     return out, quality
@@ -239,7 +259,8 @@ def main(argv):
                 "processbench_f1": quality["processbench"]["f1"],
                 "best_of_n": {"n": cfg["K"], **best_of, "majority": metrics[f"maj_at_{cfg['K']}"],
                               "greedy": metrics["greedy_acc"], "random": metrics["sample_acc"]},
-                "processbench": quality["processbench"], "n_problems": len(problems),
+                "processbench": quality["processbench"], "first_error_auroc": quality["first_error_auroc"],
+                "n_problems": len(problems),
                 "n_steps": quality["n_steps"], "n_wrong_steps": quality["n_wrong_steps"],
                 "unparseable": quality["unparseable"], "policy": cfg["MODEL"], "judge": judge.id,
                 "threshold": cfg["THRESHOLD"], "seed": cfg["SEED"], "temperature": cfg["TEMPERATURE"],

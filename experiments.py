@@ -30,7 +30,7 @@ import sys
 import time
 
 from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, load_model, print_json
-from data_utils import eval_arith, find_equations, label_steps, load_problems, read_jsonl, split_steps
+from data_utils import arithmetic_slip, label_steps, load_problems, read_jsonl, split_steps
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -78,28 +78,20 @@ def make_pairs(cfg, name, judge):
         return json.load(f)
 
 
-def arithmetic_slip(step):
-    """True when the step's last equation is arithmetically wrong ('32 + 12 = 42')."""
-    eqs = find_equations(step)
-    try:
-        return bool(eqs) and eval_arith(eqs[-1][0]) != eqs[-1][1]
-    except ValueError:
-        return False
-
-
 def pair_quality(pairs_file, problems_file):
     """How many Step-DPO pairs the task's reference step labels agree with: the prefix right, the chosen
-    step right and the rejected step wrong ("clean"), and each part alone; how many wrong chosen steps are
-    arithmetic slips; and how well the judge's score of the chosen step (step_pairs_meta.jsonl) separates
-    right from wrong chosen steps (AUROC; 0.5 is chance). A diagnostic of the pairs only: nothing in
-    training reads it."""
+    step right and the rejected step wrong ("clean"), and each part alone; how many whole chosen
+    continuations (full_chosen, which reach the right final answer by default) have every step right; how
+    many wrong chosen steps are arithmetic slips; and how well the judge's score of the chosen step
+    (step_pairs_meta.jsonl) separates right from wrong chosen steps (AUROC; 0.5 is chance). A diagnostic
+    of the pairs only: nothing in training reads it."""
     from evaluate import auroc
 
     gold = {p["question"]: p["answer"] for p in load_problems(problems_file)}
     meta_file = pairs_file.replace("step_pairs.jsonl", "step_pairs_meta.jsonl")
     metas = read_jsonl(meta_file) if os.path.exists(meta_file) else None
     counts = dict.fromkeys(("pairs", "clean", "prefix_right", "chosen_right", "rejected_wrong",
-                            "chosen_wrong_arithmetic_slip"), 0)
+                            "chosen_continuation_right", "chosen_wrong_arithmetic_slip"), 0)
     chosen_scores, chosen_ok = [], []
     for k, row in enumerate(read_jsonl(pairs_file)):
         prefix = split_steps(row["initial_reason_steps"])[0]
@@ -110,6 +102,9 @@ def pair_quality(pairs_file, problems_file):
         counts["clean"] += all(parts.values())
         for key, v in parts.items():
             counts[key] += v
+        if "full_chosen" in row:
+            continuation = prefix + split_steps(row["full_chosen"])[0]
+            counts["chosen_continuation_right"] += all(label_steps(gold[row["prompt"]], continuation))
         counts["chosen_wrong_arithmetic_slip"] += not chosen[-1] and arithmetic_slip(row["chosen"].strip())
         if metas and metas[k]["chosen_score"] is not None:
             chosen_scores.append(metas[k]["chosen_score"])

@@ -285,6 +285,16 @@ def test_processbench_f1_by_hand():
     assert m["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
 
 
+def test_first_error_auroc_splits_first_errors_by_kind():
+    ok, slip, wrong_qty, later = "She has 3 + 4 = 7 apples.", "She has 3 + 4 = 8 apples.", "She has 3 + 5 = 8 apples.", "x"
+    solutions = [([ok, slip, later], [True, False, False], [0.9, 0.3, 0.1]),  # slip below every right step
+                 ([wrong_qty], [False], [0.95]),                             # other error above every right step
+                 ([ok, ok], [True, True], [0.8, 0.7])]
+    m = evaluate.first_error_auroc(solutions)
+    # only the first error of a solution counts: the later wrong step (0.1) is in neither group
+    assert m == {"arithmetic_slip": 1.0, "other": 0.0, "n_right_steps": 3, "n_arithmetic_slip": 1, "n_other": 1}
+
+
 def test_judge_pick():
     assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "min") == 1
     assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "last") == 1

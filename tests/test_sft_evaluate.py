@@ -9,7 +9,7 @@ import evaluate
 import sft
 from common import answer_token_ids, atomic_write_jsonl, encode, judge_answer_text, pack_judge, packed_batch
 from conftest import ROOT
-from data_utils import corrupt_solution, generate_task, load_problems, split_steps
+from data_utils import corrupt_solution, generate_task, join_solution, load_problems, split_steps
 
 
 def test_tokenizer_spells_numbers_digit_by_digit(tiny_tokenizer):
@@ -173,11 +173,13 @@ def test_pair_quality_counts_clean_pairs_slips_and_the_judges_chosen_auroc(tmp_p
     step = split_steps(problem["answer"], strip_calc=True)[0][0]
     lhs, value = find_equations(step)[-1]
     slip = [replace_equation(step, lhs, value, lhs, value + d) for d in (1, 2)]
-    rows = [{"prompt": problem["question"], "initial_reason_steps": "", "chosen": c + "\n", "rejected": r + "\n"}
-            for c, r in ((step, slip[0]), (slip[0], slip[1]))]
+    steps, final = split_steps(problem["answer"], strip_calc=True)
+    rows = [{"prompt": problem["question"], "initial_reason_steps": "", "chosen": c + "\n", "rejected": r + "\n",
+             "full_chosen": join_solution([c] + steps[1:], final)} for c, r in ((step, slip[0]), (slip[0], slip[1]))]
     atomic_write_jsonl(str(tmp_path / "problems.jsonl"), [problem])
     atomic_write_jsonl(str(tmp_path / "step_pairs.jsonl"), rows)
     atomic_write_jsonl(str(tmp_path / "step_pairs_meta.jsonl"), [{"chosen_score": 0.9}, {"chosen_score": 0.2}])
     q = experiments.pair_quality(str(tmp_path / "step_pairs.jsonl"), str(tmp_path / "problems.jsonl"))
+    # the second pair's continuation repeats the gold steps after its slipped first step: wrong as a whole
     assert q == {"pairs": 2, "clean": 1, "prefix_right": 2, "chosen_right": 1, "rejected_wrong": 2,
-                 "chosen_wrong_arithmetic_slip": 1, "chosen_score_auroc": 1.0}
+                 "chosen_continuation_right": 1, "chosen_wrong_arithmetic_slip": 1, "chosen_score_auroc": 1.0}
