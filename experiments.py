@@ -102,9 +102,8 @@ def pair_quality(pairs_file, problems_file):
         counts["clean"] += all(parts.values())
         for key, v in parts.items():
             counts[key] += v
-        if "full_chosen" in row:
-            continuation = prefix + split_steps(row["full_chosen"])[0]
-            counts["chosen_continuation_right"] += all(label_steps(gold[row["prompt"]], continuation))
+        continuation = prefix + split_steps(row["full_chosen"])[0]
+        counts["chosen_continuation_right"] += all(label_steps(gold[row["prompt"]], continuation))
         counts["chosen_wrong_arithmetic_slip"] += not chosen[-1] and arithmetic_slip(row["chosen"].strip())
         if metas and metas[k]["chosen_score"] is not None:
             chosen_scores.append(metas[k]["chosen_score"])
