@@ -13,27 +13,30 @@ pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, eq. 1)
 import os
 import sys
 import time
-from collections import Counter
-from math import comb
 
-from common import (atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, default_device,
-                    load_model, policy_prompt, print_json, sample)
-from data_utils import (answers_match, arithmetic_slip, extract_answer, label_steps, load_problems,
-                        normalize_answer, split_steps)
-from reward_model import DiskCache, aggregate, first_error, make_judge, score_solutions
+from common import DiskCache, atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, print_json
+from data_utils import answers_match, extract_answer, load_problems, split_steps
+from task import label_steps
+from metrics import auroc, first_error_auroc, majority_answer, pass_at_k, processbench_f1
+from models import default_device, load_model, sample
+from pairs import aggregate, first_error
+from prompts import policy_prompt
+from reward_model import make_judge, score_solutions
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"   # local folder, Hub id, or a .gguf file
 JUDGE = "models/judge"    # judge for best-of-K reranking ("" = none); folder, Hub id, .gguf or http:// URL
 JUDGE_MODEL_NAME = ""     # model name sent to a judge server
 JUDGE_TOKENIZER = ""      # judge server: tokenizer whose chat template renders the prompt ("" = plain)
+JUDGE_MODE = "one_pass"   # check (the judge writes a check of each step first) | one_pass; the other judge
+                          # settings are reward_model.py's defaults (make_judge)
 TEST_FILE = "data/test.jsonl"
 OUT_DIR = "results/reference/eval_policy"
 JUDGE_EVAL_FILE = "results/reference/judge_eval.json"  # judge-vs-reference-labels report ("" = skip)
 THRESHOLD = 0.5           # judge score under which a step counts as wrong
 CACHE_DIR = "cache"
 N_PROBLEMS = 0            # 0 = all test problems
-K = 8                     # samples per problem for pass@k / majority@k
+K = 8                     # samples per problem for pass@k / majority@k (0 = greedy accuracy only)
 TEMPERATURE = 0.7
 TOP_P = 1.0
 MAX_NEW_TOKENS = 200
@@ -43,23 +46,6 @@ THREADS = 2
 DTYPE = "float32"
 TRUST_REMOTE_CODE = False
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
-
-
-def pass_at_k(n, c, k):
-    """Probability that at least one of k samples drawn from n (c of them correct) is correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
-
-
-def majority_answer(answers):
-    """Most common normalised answer, ties broken by first appearance; None if no sample has an answer."""
-    votes = [normalize_answer(a) for a in answers if a is not None]
-    if not votes:
-        return None
-    counts = Counter(votes)
-    best = max(counts.values())
-    return next(v for v in votes if counts[v] == best)
 
 
 def score_samples(gold, greedy, samples):
@@ -82,73 +68,6 @@ def score_samples(gold, greedy, samples):
     }
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve: the probability that a correct step outscores a wrong one (ties count
-    half), by the Mann-Whitney U statistic with average ranks."""
-    n_pos = sum(labels)
-    n_neg = len(labels) - n_pos
-    if not n_pos or not n_neg:
-        return None
-    rank_sum = sum(r for r, y in zip(average_ranks(scores), labels) if y)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def average_ranks(values):
-    """Ranks 1..n of `values`, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks, i = [0.0] * len(values), 0
-    while i < len(order):
-        j = i
-        while j < len(order) and values[order[j]] == values[order[i]]:
-            j += 1
-        for k in order[i:j]:
-            ranks[k] = (i + 1 + j) / 2
-        i = j
-    return ranks
-
-
-def spearman(a, b):
-    """Spearman's rank correlation: Pearson's correlation of the average ranks (ties handled); None when
-    either list is constant or shorter than 2."""
-    if len(a) != len(b):
-        raise ValueError(f"lists of different lengths: {len(a)} and {len(b)}")
-    if len(a) < 2:
-        return None
-    ra, rb = average_ranks(a), average_ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return cov / (va * vb) ** 0.5 if va and vb else None
-
-
-def processbench_f1(predicted, reference):
-    """ProcessBench (Zheng et al. 2024, arXiv 2412.06559): first-error indices (-1 = no error); accuracy on
-    erroneous and on correct solutions, and their harmonic mean."""
-    err = [p == r for p, r in zip(predicted, reference) if r != -1]
-    ok = [p == r for p, r in zip(predicted, reference) if r == -1]
-    acc_err = sum(err) / len(err) if err else 0.0
-    acc_ok = sum(ok) / len(ok) if ok else 0.0
-    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0
-    return {"f1": f1, "acc_erroneous": acc_err, "acc_correct": acc_ok, "n_erroneous": len(err),
-            "n_correct": len(ok)}
-
-
-def first_error_auroc(solutions):
-    """How well the judge separates right steps from first errors, by kind of error: AUROC of the scores of
-    every right step against those of the first wrong steps that are arithmetic slips ('39 + 15 = 52'),
-    and against the other first errors (a wrong quantity or operation). solutions: [(steps, labels,
-    scores)]. The first errors are what ProcessBench F1 asks the judge to find."""
-    right, slips, other = [], [], []
-    for steps, labels, scores in solutions:
-        right += [x for x, ok in zip(scores, labels) if ok]
-        e = next((j for j, ok in enumerate(labels) if not ok), -1)
-        if e >= 0:
-            (slips if arithmetic_slip(steps[e]) else other).append(scores[e])
-    return {kind: auroc(right + wrong, [True] * len(right) + [False] * len(wrong))
-            for kind, wrong in (("arithmetic_slip", slips), ("other", other))} | {
-        "n_right_steps": len(right), "n_arithmetic_slip": len(slips), "n_other": len(other)}
-
-
 def judge_pick(step_scores, how):
     """Index of the sample with the best aggregated judge score (first on ties)."""
     values = [aggregate(s, how) for s in step_scores]
@@ -157,7 +76,7 @@ def judge_pick(step_scores, how):
 
 def judge_metrics(problems, records, judge, cache, threshold, chunk):
     """Judge the K samples of every problem; best-of-K by the judge; judge quality against the bundled
-    task's reference labels (data_utils.label_steps)."""
+    task's reference labels (task.label_steps)."""
     items = [(r["question"], split_steps(s)[0]) for r in records for s in r["samples"]]
     results, _ = score_solutions(judge, cache, items, chunk)
     k = len(records[0]["samples"])
@@ -225,7 +144,12 @@ def evaluate_policy(model, tokenizer, problems, cfg, desc=""):
     """(metrics, per-problem records) for a loaded policy."""
     prompts = [policy_prompt(tokenizer, p["question"]) for p in problems]
     gold = [split_steps(p["answer"])[1] for p in problems]
-    greedy, _ = greedy_solutions(model, tokenizer, problems, cfg["MAX_NEW_TOKENS"], cfg["BATCH_SIZE"], f"{desc}greedy")
+    greedy, greedy_acc = greedy_solutions(model, tokenizer, problems, cfg["MAX_NEW_TOKENS"], cfg["BATCH_SIZE"],
+                                          f"{desc}greedy")
+    if not cfg["K"]:  # greedy accuracy only
+        records = [{"question": p["question"], "gold": g, "greedy": gr, "greedy_answer": extract_answer(gr)}
+                   for p, g, gr in zip(problems, gold, greedy)]
+        return {"n_problems": len(problems), "k": 0, "greedy_acc": greedy_acc}, records
     samples = sample(model, tokenizer, prompts, n=cfg["K"], temperature=cfg["TEMPERATURE"], top_p=cfg["TOP_P"],
                      max_new_tokens=cfg["MAX_NEW_TOKENS"], batch_size=cfg["BATCH_SIZE"], seed=cfg["SEED"],
                      desc=f"{desc}samples")
@@ -247,9 +171,8 @@ def main(argv):
     model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], default_device())
     metrics, records = evaluate_policy(model, tokenizer, problems, cfg)
     out = cfg["OUT_DIR"]
-    if cfg["JUDGE"]:
-        judge = make_judge(cfg["JUDGE"], cfg["JUDGE_MODEL_NAME"], cfg["JUDGE_TOKENIZER"], batch_size=cfg["BATCH_SIZE"],
-                           dtype=cfg["DTYPE"], trust_remote_code=cfg["TRUST_REMOTE_CODE"])
+    if cfg["JUDGE"] and cfg["K"]:
+        judge = make_judge(cfg["JUDGE"], cfg)
         cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
         best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
         metrics |= best_of | {"judge_quality": quality}
@@ -269,7 +192,8 @@ def main(argv):
     atomic_write_json(os.path.join(out, "config.json"), cfg | {"command": command_line(__file__, argv)})
     atomic_write_jsonl(os.path.join(out, "samples.jsonl"), records)
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
-    plot_passk(metrics, os.path.join(out, "passk.png"), f"{cfg['MODEL']} on {cfg['TEST_FILE']}")
+    if cfg["K"]:
+        plot_passk(metrics, os.path.join(out, "passk.png"), f"{cfg['MODEL']} on {cfg['TEST_FILE']}")
     k = cfg["K"]
     shown = ["greedy_acc", f"pass_at_{k}", f"maj_at_{k}", "judge_min", "judge_prod", "judge_last"]
     print_json({"model": cfg["MODEL"]} | {m: round(metrics[m], 4) for m in shown if m in metrics} | {"out": out})

@@ -25,12 +25,12 @@ Finished runs are kept (RUN_DIR/runs/<method>-seed<k>/eval.json), so an interrup
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, load_model, print_json
-from data_utils import arithmetic_slip, label_steps, load_problems, read_jsonl, split_steps
+from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
+from data_utils import PAIRS_POOL, load_problems
+from pairs import pair_quality
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -40,8 +40,8 @@ TEST_FILE = "data/test.jsonl"
 RUN_DIR = "results/experiments"
 SEEDS = [0, 1, 2]
 METHODS = ["sft", "sft_continued", "outcome_dpo", "step_dpo", "weighted_dpo", "step_dpo_oracle"]
-FIRST_PROBLEM = 4000          # the pairs pool: problems the policy was never supervised on
-N_PROBLEMS = 2000
+FIRST_PROBLEM = PAIRS_POOL[0]  # the pairs pool: problems the policy was never supervised on
+N_PROBLEMS = PAIRS_POOL[1] - PAIRS_POOL[0]
 K = 8                         # samples per problem
 SAMPLE_TEMPERATURE = 0.7
 THRESHOLD = 0.9               # judge score under which a step is wrong (locates the error of a wrong sample)
@@ -61,68 +61,17 @@ TRAINING = {  # method -> (pairs folder, trainer overrides)
 }
 
 
-def run(args):
-    print(f"==> python {' '.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable] + args)
-    if proc.returncode:
-        raise SystemExit(f"failed with exit status {proc.returncode}: python {' '.join(args)}")
-
-
-def make_pairs(cfg, name, judge):
+def make_pairs(cfg, runner, name, judge):
     """reward_model.py on the pairs pool with `judge`; samples are cached, so both pair sets share them."""
     out = os.path.join(cfg["RUN_DIR"], name)
-    run(["reward_model.py", f"--POLICY={cfg['POLICY']}", f"--JUDGE={judge}", f"--TRAIN_FILE={cfg['TRAIN_FILE']}",
+    runner.run(f"pairs_{name}", "reward_model.py", [ f"--POLICY={cfg['POLICY']}", f"--JUDGE={judge}", f"--TRAIN_FILE={cfg['TRAIN_FILE']}",
          f"--FIRST_PROBLEM={cfg['FIRST_PROBLEM']}", f"--N_PROBLEMS={cfg['N_PROBLEMS']}", f"--K={cfg['K']}",
          f"--TEMPERATURE={cfg['SAMPLE_TEMPERATURE']}", f"--THRESHOLD={cfg['THRESHOLD']}", f"--OUT_DIR={out}"])
     with open(os.path.join(out, "counts.json")) as f:
         return json.load(f)
 
 
-def pair_quality(pairs_file, problems_file):
-    """How many Step-DPO pairs the task's reference step labels agree with: the prefix right, the chosen
-    step right and the rejected step wrong ("clean"), and each part alone; how many whole chosen
-    continuations (full_chosen, which reach the right final answer by default) have every step right; how
-    many wrong chosen steps are arithmetic slips; and how well the judge's score of the chosen step
-    (step_pairs_meta.jsonl) separates right from wrong chosen steps (AUROC; 0.5 is chance). A diagnostic
-    of the pairs only: nothing in training reads it."""
-    from evaluate import auroc
-
-    gold = {p["question"]: p["answer"] for p in load_problems(problems_file)}
-    meta_file = pairs_file.replace("step_pairs.jsonl", "step_pairs_meta.jsonl")
-    metas = read_jsonl(meta_file) if os.path.exists(meta_file) else None
-    counts = dict.fromkeys(("pairs", "clean", "prefix_right", "chosen_right", "rejected_wrong",
-                            "chosen_continuation_right", "chosen_wrong_arithmetic_slip"), 0)
-    chosen_scores, chosen_ok = [], []
-    for k, row in enumerate(read_jsonl(pairs_file)):
-        prefix = split_steps(row["initial_reason_steps"])[0]
-        chosen = label_steps(gold[row["prompt"]], prefix + [row["chosen"].strip()])
-        rejected = label_steps(gold[row["prompt"]], prefix + [row["rejected"].strip()])
-        parts = {"prefix_right": all(chosen[:-1]), "chosen_right": chosen[-1], "rejected_wrong": not rejected[-1]}
-        counts["pairs"] += 1
-        counts["clean"] += all(parts.values())
-        for key, v in parts.items():
-            counts[key] += v
-        continuation = prefix + split_steps(row["full_chosen"])[0]
-        counts["chosen_continuation_right"] += all(label_steps(gold[row["prompt"]], continuation))
-        counts["chosen_wrong_arithmetic_slip"] += not chosen[-1] and arithmetic_slip(row["chosen"].strip())
-        if metas and metas[k]["chosen_score"] is not None:
-            chosen_scores.append(metas[k]["chosen_score"])
-            chosen_ok.append(chosen[-1])
-    counts["chosen_score_auroc"] = auroc(chosen_scores, chosen_ok) if chosen_scores else None
-    return counts
-
-
-def greedy_accuracy(cfg, model_path, problems):
-    import torch
-
-    from evaluate import greedy_solutions
-
-    torch.set_num_threads(cfg["THREADS"])
-    model, tokenizer = load_model(model_path)
-    return greedy_solutions(model, tokenizer, problems, batch_size=cfg["EVAL_BATCH"], desc=model_path)[1]
-
-
-def one_run(cfg, method, seed, problems):
+def one_run(cfg, runner, method, seed, n_problems):
     """Test greedy accuracy of one (method, seed), trained and evaluated unless already done."""
     folder = os.path.join(cfg["RUN_DIR"], "runs", f"{method}-seed{seed}")
     done = os.path.join(folder, "eval.json")
@@ -134,14 +83,18 @@ def one_run(cfg, method, seed, problems):
         pairs_dir, overrides = TRAINING[method]
         data = os.path.join(cfg["RUN_DIR"], pairs_dir,
                             "step_pairs.jsonl" if "--MODE=step" in overrides else "full_pairs.jsonl")
-        run(["train_stepwise_dpo.py", f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}",
-             f"--SEED={seed}", f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000",
-             f"--THREADS={cfg['THREADS']}", *overrides,
-             *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(method, [])])
+        runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", [
+            f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}", f"--SEED={seed}",
+            f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}", *overrides,
+            *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(method, [])])
         model = os.path.join(folder, "model")
-    acc = greedy_accuracy(cfg, model, problems)
+    runner.run(f"eval-{method}-seed{seed}", "evaluate.py", [
+        f"--MODEL={model}", f"--TEST_FILE={cfg['TEST_FILE']}", "--K=0", "--JUDGE=", "--JUDGE_EVAL_FILE=",
+        f"--BATCH_SIZE={cfg['EVAL_BATCH']}", f"--THREADS={cfg['THREADS']}", f"--OUT_DIR={folder}/eval"])
+    with open(os.path.join(folder, "eval", "metrics.json")) as f:
+        acc = json.load(f)["greedy_acc"]
     atomic_write_json(done, {"method": method, "seed": seed, "greedy_acc": acc, "model": model,
-                             "test_file": cfg["TEST_FILE"], "n_problems": len(problems)})
+                             "test_file": cfg["TEST_FILE"], "n_problems": n_problems})
     print_json({"method": method, "seed": seed, "greedy_acc": acc})
     return acc
 
@@ -184,11 +137,12 @@ def main(argv):
     if unknown:
         raise SystemExit(f"unknown METHODS {unknown}; known: sft, {', '.join(TRAINING)}")
     t0 = time.time()
-    counts = {"judged": make_pairs(cfg, "judged", cfg["JUDGE"])}
+    runner = Stages()
+    counts = {"judged": make_pairs(cfg, runner, "judged", cfg["JUDGE"])}
     if "step_dpo_oracle" in cfg["METHODS"]:
-        counts["oracle"] = make_pairs(cfg, "oracle", f"oracle:{cfg['TRAIN_FILE']}")
-    problems = load_problems(cfg["TEST_FILE"])
-    methods = {m: [one_run(cfg, m, s, problems) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
+        counts["oracle"] = make_pairs(cfg, runner, "oracle", f"oracle:{cfg['TRAIN_FILE']}")
+    n_problems = len(load_problems(cfg["TEST_FILE"]))
+    methods = {m: [one_run(cfg, runner, m, s, n_problems) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
     summary = {"seeds": cfg["SEEDS"], "methods": methods,
                "mean": {m: statistics.mean(a) for m, a in methods.items()},
                "pairs": {name: {k: c[k] for k in ("step_pairs", "full_pairs", "samples", "correct_samples")}
@@ -200,7 +154,7 @@ def main(argv):
     atomic_write_json(os.path.join(cfg["RUN_DIR"], "summary.json"), summary)
     text = table(methods, cfg["SEEDS"])
     atomic_write_text(os.path.join(cfg["RUN_DIR"], "summary.md"),
-                      f"# Methods against controls\n\n{text}\n\nTest greedy accuracy on {len(problems)} problems "
+                      f"# Methods against controls\n\n{text}\n\nTest greedy accuracy on {n_problems} problems "
                       f"({cfg['TEST_FILE']}). Wall time {summary['wall_seconds']:.0f} s.\n\n"
                       f"Command: `{summary['command']}`\n")
     plot(methods, cfg["SEEDS"], os.path.join(cfg["RUN_DIR"], "methods.png"))

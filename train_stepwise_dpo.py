@@ -16,23 +16,26 @@ arXiv 2402.13228, eq. 3), IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17), LoRA
 
 Non-standard on purpose: the reference log-probs are computed once before training (exact, since the
 reference is frozen) and cached on disk, so no reference model is kept in memory; chosen and rejected share
-one forward over [prompt, chosen, rejected] with the rejected part hidden from the chosen part and its
-positions restarting after the prompt (prefix sharing, Wang & Hegde 2024, arXiv 2410.20305); short pairs
-share a row, each seeing only itself, so a batch computes little padding.
+one forward over [prompt, chosen, rejected] (prefix sharing) and short pairs share a row (batching.py).
 
 Writes OUT_DIR/config.json, metrics.jsonl (one line per logging step), loss/margin/accuracy plots,
 summary.json, checkpoints (checkpoint-N/) and the final model (model/), all in Hugging Face format.
 """
+import dataclasses
+import hashlib
 import json
 import os
+import random
 import sys
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from common import (atomic_write_json, atomic_write_text, command_line, config_from_argv, default_device, encode,
-                    load_model, logits_at, policy_prompt, print_json)
+from batching import collate, precompute_reference, sequence_logps
+from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
 from data_utils import read_jsonl, split_steps
+from models import default_device, fingerprint, load_model
+from prompts import FINAL_MARK, encode, policy_prompt
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"           # starting policy (also the reference): folder, Hub id or .gguf
@@ -65,6 +68,7 @@ SAVE_STEPS = 50                   # checkpoint every N optimizer steps
 SAVE_TOTAL_LIMIT = 2
 RESUME = False                    # continue from the last checkpoint in OUT_DIR
 MAX_LEN = 512                     # tokens per sequence; longer pairs are dropped
+CACHE_DIR = "cache"               # reference log-probs are cached under CACHE_DIR/reference
 SEED = 0
 THREADS = 2
 DTYPE = "float32"
@@ -130,7 +134,7 @@ def solution_tokens(tokenizer, steps, final, weights):
         piece = tokenizer(step + "\n", add_special_tokens=False)["input_ids"]
         ids += piece
         w += [weights[k]] * len(piece)
-    tail = tokenizer(f"#### {final}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    tail = tokenizer(f"{FINAL_MARK} {final}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return ids + tail, w + [weights[-1] if weights else 1.0] * len(tail)
 
 
@@ -153,160 +157,53 @@ def build_features(tokenizer, row, mode):
             "rejected_weights": rw}
 
 
-def pack_rows(lengths, width):
-    """Rows of pair indices: first-fit decreasing into rows of `width` tokens (at least the longest pair),
-    so that pairs share rows instead of each padding its own; then the same number of rows filled longest
-    first into the emptiest row, kept when its fullest row is shorter (every row pads to the fullest one)."""
-    width = max(width, max(lengths))
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows, room = [], []
-    for i in order:
-        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if r is None:
-            rows.append([])
-            room.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    balanced, fill = [[] for _ in rows], [0] * len(rows)
-    for i in order:
-        r = min(range(len(rows)), key=lambda r: (fill[r], r))
-        balanced[r].append(i)
-        fill[r] += lengths[i]
-    return balanced if max(fill) < width - min(room) else rows
+def data_fingerprint(features):
+    h = hashlib.sha256()
+    for f in features:
+        h.update(json.dumps([f["prompt_ids"], f["chosen_ids"], f["rejected_ids"], f["chosen_weights"],
+                             f["rejected_weights"]]).encode())
+    return h.hexdigest()[:16]
 
 
-def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
-    """A batch for StepwiseDPOTrainer.
-
-    Prefix-shared (default): each pair is one segment [prompt, chosen, rejected]. Rejected tokens do not
-    see chosen tokens and take the positions chosen tokens would have (restarting after the prompt);
-    pairs are packed into rows up to `pack_factor` times the longest pair wide (pack_rows), each segment
-    seeing only itself: less padding, at the price of wider attention (2 was fastest on CPU here).
-    Plain: rows [prompt, chosen] then [prompt, rejected], right-padded.
-    `part` marks 0 prompt / 1 chosen / 2 rejected / 3 padding and `segment` the pair of each position
-    (-1 padding); together they become the 4D mask in the model's dtype.
-
-    Targets are aligned to the position that predicts them (position t predicts token t+1): `*_targets`,
-    `*_weights` (the step weight of each scored token, 0 elsewhere) and `*_scored` (1 where a token is
-    scored); `pair` maps every position to its pair (n for padding) for the per-pair sums. In the shared
-    layout the first rejected token is predicted from the last prompt position, which chosen's first
-    token also uses, so it is gathered separately (`first_rejected` at `first_row`, `last_prompt`)."""
-    n = len(features)
-    lengths = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
-    if prefix_sharing:
-        rows = pack_rows([p + c + j for p, c, j in lengths], int(pack_factor * max(map(sum, lengths))))
-        place, width = {}, 0                                     # pair -> (row, offset); widest row
-        for r, row in enumerate(rows):
-            offset = 0
-            for i in row:
-                place[i] = (r, offset)
-                offset += sum(lengths[i])
-            width = max(width, offset)
-        n_rows = len(rows)
-    else:
-        width = max(p + max(c, j) for p, c, j in lengths)
-        n_rows = 2 * n
-    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((n_rows, width), dtype=torch.long)
-    part = torch.full((n_rows, width), 3, dtype=torch.long)
-    segment = torch.full((n_rows, width), -1, dtype=torch.long)
-    pair = torch.full((n_rows, width), n, dtype=torch.long)
-    batch = {f"{side}_{what}": torch.zeros((n_rows, width), dtype=torch.long if what == "targets" else torch.float)
-             for side in ("chosen", "rejected") for what in ("targets", "weights", "scored")}
-    first_rejected, first_weight, first_row, last_prompt = [], [], [], []
-    for i, ((p, c, j), f) in enumerate(zip(lengths, features)):
-        prompt, chosen, rejected = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
-        if prefix_sharing:
-            rc, o = place[i]
-            rr = rc
-            span = slice(o, o + p + c + j)
-            ids[rc, span] = torch.tensor(prompt + chosen + rejected)
-            pos[rc, span] = torch.cat([torch.arange(p + c), torch.arange(p, p + j)])
-            part[rc, span] = torch.tensor([0] * p + [1] * c + [2] * j)
-            segment[rc, span], pair[rc, span] = i, i
-            r_start, r_ids, r_w = o + p + c, rejected[1:], f["rejected_weights"][1:]
-            first_rejected.append(rejected[0])
-            first_weight.append(f["rejected_weights"][0])
-            first_row.append(rc)
-            last_prompt.append(o + p - 1)
-        else:
-            rc, rr, o = i, n + i, 0
-            for row, completion in ((rc, chosen), (rr, rejected)):
-                k = p + len(completion)
-                ids[row, :k] = torch.tensor(prompt + completion)
-                pos[row, :k] = torch.arange(k)
-                part[row, :p], part[row, p:k], segment[row, :k], pair[row, :k] = 0, 1, 0, i
-            r_start, r_ids, r_w = p - 1, rejected, f["rejected_weights"]
-        batch["chosen_targets"][rc, o + p - 1: o + p - 1 + c] = torch.tensor(chosen)
-        batch["chosen_weights"][rc, o + p - 1: o + p - 1 + c] = torch.tensor(f["chosen_weights"])
-        batch["chosen_scored"][rc, o + p - 1: o + p - 1 + c] = 1.0
-        if r_ids:
-            batch["rejected_targets"][rr, r_start: r_start + len(r_ids)] = torch.tensor(r_ids)
-            batch["rejected_weights"][rr, r_start: r_start + len(r_ids)] = torch.tensor(r_w)
-            batch["rejected_scored"][rr, r_start: r_start + len(r_ids)] = 1.0
-    batch |= {"input_ids": ids, "position_ids": pos, "part": part, "segment": segment, "pair": pair}
-    if prefix_sharing:
-        batch |= {"first_rejected": torch.tensor(first_rejected), "first_rejected_weight": torch.tensor(first_weight),
-                  "first_row": torch.tensor(first_row), "last_prompt": torch.tensor(last_prompt)}
-    for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain"):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
-    return batch
+def epoch_order(features, epochs, seed):
+    """All epochs laid end to end, each shuffled with its own seed, read in order: the batches are then the
+    same whatever the number of processes (accelerate gives process i every i-th batch) and on resume."""
+    out = []
+    for epoch in range(epochs):
+        order = list(range(len(features)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        out += [features[i] for i in order]
+    return out
 
 
-def attention_mask_4d(part, segment, dtype):
-    """(rows, 1, L, L) additive mask from `part` and `segment`: causal and within one segment; the prompt
-    visible to all of its segment; chosen and rejected each see only themselves besides the prompt;
-    padding sees only padding."""
-    width = part.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=part.device).tril()
-    q, k = part[:, :, None], part[:, None, :]
-    # padding (segment -1) never shares a segment with a prompt, so it sees only padding
-    visible = causal & (segment[:, :, None] == segment[:, None, :]) & ((k == 0) | (k == q))
-    return torch.zeros(visible.shape, dtype=dtype, device=part.device).masked_fill(
-        ~visible, torch.finfo(dtype).min)[:, None]
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, features):
+        self.features = features
 
+    def __len__(self):
+        return len(self.features)
 
-def sequence_logps(model, batch, prefix_sharing=True):
-    """Per pair: (chosen weighted sum, rejected weighted sum, chosen plain sum, rejected plain sum,
-    chosen token count, rejected token count) of log pi(token), from one forward. The vocabulary projection
-    runs only at the positions that predict a scored token (common.logits_at): in a Step-DPO pair most
-    tokens are prompt and prefix."""
-    mask = attention_mask_4d(batch["part"], batch["segment"], next(model.parameters()).dtype)  # model may be DDP-wrapped
-    scored = (batch["chosen_scored"] + batch["rejected_scored"]) > 0
-    if prefix_sharing:
-        scored[batch["first_row"], batch["last_prompt"]] = True
-    rows, cols = scored.nonzero(as_tuple=True)
-    logits = logits_at(model, rows, cols, input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=batch["position_ids"]).float()  # (positions, vocab)
-    lse = logits.logsumexp(-1)
-    n = len(batch["first_rejected"]) if prefix_sharing else len(batch["input_ids"]) // 2
-    pair = batch["pair"][rows, cols]
-
-    def per_pair(values):                                            # (positions,) -> (n,) sums by pair
-        return values.new_zeros(n + 1).index_add(0, pair, values)[:n]
-
-    out = {}
-    for side in ("chosen", "rejected"):
-        token_logp = logits.gather(-1, batch[f"{side}_targets"][rows, cols, None]).squeeze(-1) - lse
-        scored_here = batch[f"{side}_scored"][rows, cols]
-        out[side] = [per_pair(token_logp * batch[f"{side}_weights"][rows, cols]), per_pair(token_logp * scored_here),
-                     per_pair(scored_here)]
-    if prefix_sharing:
-        where = torch.full(scored.shape, -1, dtype=torch.long, device=scored.device)
-        where[rows, cols] = torch.arange(len(rows), device=scored.device)
-        at = where[batch["first_row"], batch["last_prompt"]]
-        first = logits[at, batch["first_rejected"]] - lse[at]
-        out["rejected"][0] = out["rejected"][0] + first * batch["first_rejected_weight"]
-        out["rejected"][1] = out["rejected"][1] + first
-        out["rejected"][2] = out["rejected"][2] + 1
-    return {"chosen": out["chosen"][0], "rejected": out["rejected"][0], "chosen_plain": out["chosen"][1],
-            "rejected_plain": out["rejected"][1], "chosen_tokens": out["chosen"][2],
-            "rejected_tokens": out["rejected"][2]}
+    def __getitem__(self, i):
+        return self.features[i]
 
 
 # ----------------------------------------------------------------------------- loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    """What the loss of StepwiseDPOTrainer does (TRL's DPOConfig holds the same kind of fields); the
+    defaults are the tunables above."""
+
+    beta: float = BETA                      # scale of the implicit reward beta * (log pi - log pi_ref)
+    loss: str = LOSS                        # sigmoid (DPO) | ipo | sft (only the NLL term: the SFT control)
+    nll_weight: float = NLL_WEIGHT          # weight of the mean NLL of the chosen tokens (RPO)
+    dpop_lambda: float = DPOP_LAMBDA        # DPO-Positive penalty weight (0 = off)
+    prefix_sharing: bool = PREFIX_SHARING   # one forward over [prompt, chosen, rejected] (False: two rows)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["BETA"], cfg["LOSS"], cfg["NLL_WEIGHT"], cfg["DPOP_LAMBDA"], cfg["PREFIX_SHARING"])
 
 
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid",
@@ -343,8 +240,8 @@ class StepwiseDPOTrainer(Trainer):
     buffered pair metrics, averaged over the logging window and over processes); everything else (the
     loop, accumulation, checkpoints, resume, DDP/DeepSpeed/FSDP through accelerate) is the parent's.
 
-    `dpo`: dict with beta, loss, nll_weight, dpop_lambda, prefix_sharing, reference ('precomputed' reads
-    ref_* from the batch; 'live' uses `ref_model`, or the base with adapters disabled for a peft model)."""
+    `dpo`: DPOSettings. The reference: log-probs precomputed into the batch (ref_*), else `ref_model`, else
+    the model itself with its adapters disabled (a peft model)."""
 
     def __init__(self, *args, dpo, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -358,21 +255,21 @@ class StepwiseDPOTrainer(Trainer):
             return inputs["ref_chosen"], inputs["ref_rejected"], inputs["ref_chosen_plain"]
         with torch.no_grad():
             if self.ref_model is not None:
-                ref = sequence_logps(self.ref_model, inputs, self.dpo["prefix_sharing"])
+                ref = sequence_logps(self.ref_model, inputs, self.dpo.prefix_sharing)
             else:
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    ref = sequence_logps(model, inputs, self.dpo["prefix_sharing"])
+                    ref = sequence_logps(model, inputs, self.dpo.prefix_sharing)
         return ref["chosen"], ref["rejected"], ref["chosen_plain"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.dpo
-        policy = sequence_logps(model, inputs, d["prefix_sharing"])
+        policy = sequence_logps(model, inputs, d.prefix_sharing)
         ref_chosen, ref_rejected, ref_chosen_plain = self.reference_logps(model, inputs)
         losses, reward_chosen, reward_rejected = preference_loss(
-            policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, d["beta"], d["loss"],
-            d["dpop_lambda"], policy["chosen_plain"], ref_chosen_plain)
+            policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, d.beta, d.loss, d.dpop_lambda,
+            policy["chosen_plain"], ref_chosen_plain)
         nll = -(policy["chosen_plain"] / policy["chosen_tokens"])          # mean NLL per chosen token
-        loss = losses.mean() + d["nll_weight"] * nll.mean()
+        loss = losses.mean() + d.nll_weight * nll.mean()
         self.check_finite(loss)
         metrics = {"rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
                    "rewards/margins": reward_chosen - reward_rejected,
@@ -393,7 +290,7 @@ class StepwiseDPOTrainer(Trainer):
             finite = self.accelerator.gather(finite)
         if not bool(finite.min() > 0):
             raise FloatingPointError(
-                f"non-finite loss ({float(loss)}) at optimizer step {self.state.global_step + 1}; training "
+                f"non-finite loss ({float(loss.detach())}) at optimizer step {self.state.global_step + 1}; training "
                 f"stopped before updating the weights, checkpoints already in {self.args.output_dir} are intact")
 
     def log(self, logs, *args, **kwargs):
@@ -424,31 +321,7 @@ class JsonlMetrics(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}) + "\n")
 
 
-# ----------------------------------------------------------------------------- reference, plots, main
-
-
-def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None, pack_factor=2.0):
-    """Reference log-probs of every pair, one pass before training; the frozen reference makes this exact.
-    Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached."""
-    from tqdm import tqdm
-
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path) as f:
-            values = json.load(f)
-    else:
-        values = []
-        model.eval()
-        with torch.no_grad():
-            for start in tqdm(range(0, len(features), batch_size), desc="reference log-probs"):
-                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing, pack_factor)
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                out = sequence_logps(model, batch, prefix_sharing)
-                values += [list(v) for v in zip(out["chosen"].tolist(), out["rejected"].tolist(),
-                                                out["chosen_plain"].tolist())]
-        if cache_path:
-            atomic_write_json(cache_path, values)
-    for f, (c, r, cp) in zip(features, values):
-        f["ref_chosen"], f["ref_rejected"], f["ref_chosen_plain"] = c, r, cp
+# ----------------------------------------------------------------------------- main
 
 
 def plot_training(metrics_path, out_path):
@@ -472,15 +345,6 @@ def plot_training(metrics_path, out_path):
     plt.close(fig)
 
 
-def data_fingerprint(features):
-    import hashlib
-    h = hashlib.sha256()
-    for f in features:
-        h.update(json.dumps([f["prompt_ids"], f["chosen_ids"], f["rejected_ids"], f["chosen_weights"],
-                             f["rejected_weights"]]).encode())
-    return h.hexdigest()[:16]
-
-
 def last_complete_checkpoint(out_dir):
     """The newest checkpoint-N folder whose trainer state was written (a kill during a save leaves an
     incomplete folder behind, which must not be resumed from)."""
@@ -491,33 +355,7 @@ def last_complete_checkpoint(out_dir):
     return os.path.join(out_dir, max(done, key=lambda d: int(d[11:]))) if done else None
 
 
-def epoch_order(features, epochs, seed):
-    """All epochs laid end to end, each shuffled with its own seed, read in order: the batches are then the
-    same whatever the number of processes (accelerate gives process i every i-th batch) and on resume."""
-    import random
-
-    out = []
-    for epoch in range(epochs):
-        order = list(range(len(features)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        out += [features[i] for i in order]
-    return out
-
-
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, features):
-        self.features = features
-
-    def __len__(self):
-        return len(self.features)
-
-    def __getitem__(self, i):
-        return self.features[i]
-
-
 def main(argv):
-    from reward_model import fingerprint
-
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     if cfg["MODE"] not in ("step", "weighted", "outcome"):
         raise SystemExit(f"--MODE must be step, weighted or outcome, got {cfg['MODE']!r}")
@@ -538,7 +376,7 @@ def main(argv):
         key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(features)}-{int(cfg['PREFIX_SHARING'])}"
         model.to(default_device())  # the Trainer moves it there anyway; the reference pass should not run on CPU
         precompute_reference(model, features, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
-                             os.path.join("cache", "reference", f"{key}.json"), cfg["PACK_FACTOR"])
+                             os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"])
     elif not cfg["LORA"]:
         ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
         ref_model.requires_grad_(False)
@@ -561,8 +399,7 @@ def main(argv):
     trainer = StepwiseDPOTrainer(
         model=model, args=args, train_dataset=PairDataset(epoch_order(features, cfg["EPOCHS"], cfg["SEED"])),
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"], cfg["PACK_FACTOR"]),
-        dpo={"beta": cfg["BETA"], "loss": cfg["LOSS"], "nll_weight": cfg["NLL_WEIGHT"],
-             "dpop_lambda": cfg["DPOP_LAMBDA"], "prefix_sharing": cfg["PREFIX_SHARING"]},
+        dpo=DPOSettings.from_config(cfg),
         ref_model=ref_model, callbacks=[JsonlMetrics(os.path.join(out, "metrics.jsonl"))])
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(out, "config.json"), cfg | {"n_pairs": len(features), "command": command_line(__file__, argv)})

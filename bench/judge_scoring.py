@@ -19,10 +19,11 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (atomic_write_json, command_line, config_from_argv, load_model, pack_judge,  # noqa: E402
-                    print_json)
+from common import atomic_write_json, command_line, config_from_argv, print_json  # noqa: E402
 from data_utils import load_problems, split_steps  # noqa: E402
-from reward_model import LocalJudge, step_prompt_ids  # noqa: E402
+from models import load_model  # noqa: E402
+from prompts import pack_judge, step_prompt_ids  # noqa: E402
+from reward_model import LocalJudge  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 JUDGE = "models/judge"

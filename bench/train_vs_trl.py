@@ -29,7 +29,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import atomic_write_json, command_line, config_from_argv, load_model, policy_prompt, print_json  # noqa: E402
+from common import atomic_write_json, command_line, config_from_argv, print_json  # noqa: E402
+from models import load_model  # noqa: E402
+from prompts import policy_prompt  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -132,7 +134,8 @@ def our_trainer(cfg, name, model, tokenizer, ids, out):
     EOS appended to the completion text as TRL does; checked to give exactly TRL's token ids."""
     from transformers import TrainingArguments
 
-    from train_stepwise_dpo import PairDataset, StepwiseDPOTrainer, build_features, collate, precompute_reference
+    from batching import collate, precompute_reference
+    from train_stepwise_dpo import DPOSettings, PairDataset, StepwiseDPOTrainer, build_features
 
     rows = [r | {"chosen": r["chosen"] + tokenizer.eos_token, "rejected": r["rejected"] + tokenizer.eos_token}
             for r in pair_rows(cfg, name)]
@@ -143,7 +146,7 @@ def our_trainer(cfg, name, model, tokenizer, ids, out):
     return StepwiseDPOTrainer(
         model=model, args=training_args(cfg, name, out, TrainingArguments), train_dataset=PairDataset(features),
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, True),
-        dpo={"beta": cfg["BETA"], "loss": "sigmoid", "nll_weight": 0.0, "dpop_lambda": 0.0, "prefix_sharing": True})
+        dpo=DPOSettings(beta=cfg["BETA"], loss="sigmoid", nll_weight=0.0, dpop_lambda=0.0, prefix_sharing=True))
 
 
 def run_one(cfg, name, system, ids_file):

@@ -1,27 +1,35 @@
+import ast
+import copy
+import glob
 import hashlib
 import http.server
+import importlib
+import importlib.util
 import json
 import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+COMMITTED = os.path.join(ROOT, "models")
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A BPE tokenizer trained in-test on 200 bundled problems (the same code sft.py uses)."""
     import sft
-    from data_utils import generate_task
+    from task import generate_task
 
     train, _ = generate_task(200, 10, seed=7)
     texts = sft.tokenizer_corpus(train)
@@ -86,7 +94,8 @@ def kill_when(proc, ready, timeout=300):
 @pytest.fixture(scope="session")
 def train_setup(tmp_path_factory, tiny_tokenizer, tiny_model):
     """A tiny policy folder and 48 step pairs (gold step vs an automatically corrupted one)."""
-    from data_utils import corrupt_solution, generate_task, split_steps
+    from data_utils import split_steps
+    from task import corrupt_solution, generate_task
 
     folder = tmp_path_factory.mktemp("train")
     tiny_model.save_pretrained(folder / "policy")
@@ -101,6 +110,48 @@ def train_setup(tmp_path_factory, tiny_tokenizer, tiny_model):
                      "answer": final})
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+STEP_ROWS = [
+    {"prompt": "Mia has 12 apples. She finds 3 more apples. How many apples does Mia have now?",
+     "initial_reason_steps": "", "chosen": "After that, she has 12 + 3 = 15 apples.\n",
+     "rejected": "After that, she has 12 + 3 = 16 apples.\n", "answer": "15"},
+    {"prompt": "Ben has 40 coins. He gives away 7 coins. He finds 2 more coins. How many coins does Ben have?",
+     "initial_reason_steps": "Then he has 40 - 7 = 33 coins left.\n", "chosen": "After that, he has 33 + 2 = 35 coins.\n",
+     "rejected": "After that, he has 33 + 2 = 36 coins.\n", "answer": "35"},
+]
+
+FULL_ROWS = [
+    {"prompt": "Ben has 40 coins. He gives away 7 coins. He finds 2 more coins. How many coins does Ben have?",
+     "chosen_steps": ["Then he has 40 - 7 = 33 coins left.", "After that, he has 33 + 2 = 35 coins."],
+     "rejected_steps": ["Then he has 40 - 7 = 34 coins left.", "After that, he has 34 + 2 = 36 coins."],
+     "chosen_step_scores": [0.9, 0.6], "rejected_step_scores": [0.3, 0.8], "chosen": "x\n#### 35",
+     "rejected": "x\n#### 36", "answer": "35"},
+    {"prompt": "Zoe has 5 eggs. She ends up with twice as many eggs. How many eggs does Zoe have now?",
+     "chosen_steps": ["Now she has 5 * 2 = 10 eggs."], "rejected_steps": ["Now she has 5 + 2 = 7 eggs."],
+     "chosen_step_scores": [0.95], "rejected_step_scores": [0.1], "chosen": "x\n#### 10",
+     "rejected": "x\n#### 7", "answer": "10"},
+]
+
+
+
+def naive_logp(model, prompt_ids, completion_ids):
+    """log pi(completion | prompt) from a separate, plain forward."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(completion_ids))
+
+
+
+@pytest.fixture(scope="module")
+def policy_and_ref(tiny_tokenizer, tiny_model):
+    """(policy, reference): the tiny model moved a little, and the tiny model as it is."""
+    ref = copy.deepcopy(tiny_model)
+    policy = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return policy, ref
 
 
 def train_args(folder, out, *extra):
@@ -119,26 +170,44 @@ def training_rows(out):
 
 
 def prompt_score(prompt):
-    """The score JudgeServer gives a prompt: fixed by the prompt, spread over (0.05, 0.95)."""
+    """The score FakeServer gives a prompt: fixed by the prompt, spread over (0.05, 0.95)."""
     return 0.05 + 0.9 * (int(hashlib.sha256(prompt.encode()).hexdigest()[:6], 16) / 0xFFFFFF)
 
 
-class JudgeServer:
-    """An OpenAI-style /v1/completions judge on 127.0.0.1 (a free port) that misbehaves on purpose.
+def policy_reply(prompt, seed):
+    """A completions reply with a two-step solution drawn from (prompt, seed), then text past the answer."""
+    x = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:4], 16) % 3
+    text = f"She has 2 + {x} = {2 + x} apples.\nSo {2 + x} * 1 = {2 + x}.\n#### {2 + x}\nQuestion: more"
+    return json.dumps({"choices": [{"text": text, "index": 0, "finish_reason": "length"}]}).encode()
 
-    Each request takes the next action of `plan`, or `default` (an action, or a function of the request body
-    giving one) once the plan is empty; `fail_after` = N turns
-    every request after the first N into `failure`. Actions: "ok" (log-probabilities giving prompt_score),
+
+def check_reply(prompt, finish_reason="stop"):
+    """A completions reply holding a check of the last step, fixed by the prompt."""
+    return json.dumps({"choices": [{"text": f" recomputed {int(100 * prompt_score(prompt))}\n",
+                                    "finish_reason": finish_reason}]}).encode()
+
+
+class FakeServer:
+    """An OpenAI-style /v1/completions server on 127.0.0.1 (a free port) that plays policy and judge and
+    misbehaves on purpose.
+
+    A request with a stop string is a generative judge's check: it gets check_reply(prompt). Another request
+    with max_tokens > 1 is a policy's: it gets policy_reply(prompt, seed). A judge's one-token request gets
+    log-probabilities giving score(prompt) (prompt_score by default). Each request takes the next action of
+    `plan`, or `default` (an action, or a function of the request body giving one) once the plan is empty;
+    `fail_after` = N turns every request after the first N into `failure`. Actions: "ok" (the replies above),
     "http<code>", "garbage" (malformed JSON), "no-choices" (an empty list), "text-yes" / "text-no" (no
     log-probabilities, only the reply text), "perhaps" (neither Yes nor No), "wrong-shape" (a log-probability
-    that is not a number), "sleep<seconds>" (answers after that delay; a timeout for a shorter client
-    timeout) and "drop" (closes the connection without a reply). `delay` seconds pass before every reply.
+    that is not a number), "cut" (a check that reaches the token limit before the answer cue),
+    "sleep<seconds>" (answers after that delay; a timeout for a shorter client timeout) and "drop" (closes the
+    connection without a reply). `delay` seconds pass before every reply.
     Every request is recorded in `seen` as (path, body, Authorization header, time). Use it as a context
     manager: the server stops on exit, and no reply waits longer than its own sleep."""
 
-    def __init__(self, default="ok", delay=0.0):
+    def __init__(self, default="ok", delay=0.0, score=None):
         self.reset()
         self.default, self.delay, self.failure = default, delay, "http500"
+        self.score = score or prompt_score
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -173,8 +242,12 @@ class JudgeServer:
             handler.end_headers()
         elif action == "drop":
             handler.close_connection = True  # the connection closes with no reply written
+        elif action in ("ok", "cut") and "stop" in body:  # a generative judge writing its check
+            reply_with_json(handler, check_reply(body["prompt"], "stop" if action == "ok" else "length"))
+        elif action == "ok" and body.get("max_tokens", 1) > 1:
+            reply_with_json(handler, policy_reply(body["prompt"], body.get("seed")))
         elif action == "ok":
-            reply_with_json(handler, completions_reply(prompt_score(body["prompt"])))
+            reply_with_json(handler, completions_reply(self.score(body["prompt"])))
         else:
             choice = {"garbage": None, "no-choices": None, "text-yes": {"text": " Yes"},
                       "text-no": {"text": "No."}, "perhaps": {"text": " Perhaps", "logprobs": {
@@ -191,3 +264,93 @@ class JudgeServer:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ----------------------------------------------------------------------------- the repo's scripts and sources
+
+
+def discover_scripts():
+    """Every script: a .py file at the repo root or in bench/ with UPPER_CASE tunables and main(argv)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if "CONFIG_KEYS = " in text and "def main(argv)" in text:
+            found.append(os.path.relpath(path, ROOT))
+    return found
+
+
+
+def import_script(relpath):
+    """The module of a script given by its path relative to the repo root."""
+    if os.sep not in relpath:
+        return importlib.import_module(relpath[:-3])
+    spec = importlib.util.spec_from_file_location(relpath[:-3].replace(os.sep, "_"), os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+def files_under(folder):
+    """Relative path -> bytes of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+
+def free_port(host="127.0.0.1"):
+    """A port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+
+
+
+def dotted(node):
+    """'torch.load' for the expression torch.load, '' for anything that is not a plain dotted name."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return f"{base}.{node.attr}" if base else ""
+    return ""
+
+
+
+def unsafe_uses(source, filename):
+    """`file:line: what` for each use of eval/exec/compile/__import__, a pickle-like module, torch.load without
+    weights_only=True, numpy.load with allow_pickle=True, yaml.load, or trust_remote_code=True."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{where}: imports {n}" for n in names if n.split(".")[0] in UNSAFE_MODULES]
+        if not isinstance(node, ast.Call):
+            continue
+        name, keywords = dotted(node.func), {k.arg: k.value for k in node.keywords}
+        const = {k: v.value for k, v in keywords.items() if isinstance(v, ast.Constant)}
+        if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec"):
+            found.append(f"{where}: calls {name}")
+        if name.endswith("torch.load") and const.get("weights_only") is not True:
+            found.append(f"{where}: torch.load without weights_only=True")
+        if name in ("np.load", "numpy.load") and const.get("allow_pickle", False) is not False:
+            found.append(f"{where}: numpy.load with allow_pickle")
+        if name == "yaml.load":
+            found.append(f"{where}: yaml.load (use yaml.safe_load)")
+        if const.get("trust_remote_code") is True:
+            found.append(f"{where}: trust_remote_code=True")
+    return found
+
+
+
+def repo_sources():
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "cache", "results"))
+        for f in sorted(files):
+            if f.endswith(".py"):
+                yield os.path.join(folder, f)
+

@@ -1,13 +1,12 @@
-import copy
+"""Run plumbing: overrides, atomic writes, the resumable disk cache, the stage runner."""
 import json
 import os
+import sys
 
 import pytest
-import torch
 
-from common import (answer_token_ids, atomic_write_json, atomic_write_jsonl, chat_wrap, config_from_argv,
-                    encode, judge_segments, load_model, pack_judge, packed_batch, policy_prompt, sample,
-                    truncate_solution)
+from common import DiskCache, Stages, atomic_write_json, atomic_write_jsonl, chunked_cached, config_from_argv
+
 
 DEFAULTS = {"LR": 1e-3, "STEPS": 10, "NAME": "x", "FLAG": False, "SIZES": [1, 2], "OPT": None}
 
@@ -49,91 +48,45 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert target.read_text() == '{"a": 1}\n' and os.listdir(tmp_path) == ["out.jsonl"]
 
 
-def test_truncate_solution():
-    assert truncate_solution("a = 1\nb = 2\n#### 3\nQuestion: more") == "a = 1\nb = 2\n#### 3"
-    assert truncate_solution("no answer yet ") == "no answer yet"
+def test_disk_cache_survives_a_cut_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = DiskCache(str(path))
+    cache.put_many([("a", [0.5]), ("b", [0.25, 1.0])])
+    with open(path, "a") as f:
+        f.write('{"key": "c", "value": [0.')  # a kill mid-write
+    again = DiskCache(str(path))
+    assert again.entries == {"a": [0.5], "b": [0.25, 1.0]} and "c" not in again
+    again.put_many([("a", [0.50001]), ("c", [0.75])])  # a key seen before keeps its first value
+    assert DiskCache(str(path)).entries == {"a": [0.5], "b": [0.25, 1.0], "c": [0.75]}
 
 
-def test_plain_prompts(tiny_tokenizer):
-    assert chat_wrap(tiny_tokenizer) == ("", "")
-    assert policy_prompt(tiny_tokenizer, "Q?") == "Question: Q?\nAnswer:\n"
-    head, steps, tail = judge_segments(tiny_tokenizer, "Q?", ["a", "b"])
-    assert head + "".join(steps) + tail == "Check the last step.\nQuestion: Q?\nSteps:\na\nb\nIs the last step correct? Answer:"
+def test_chunked_cache_computes_only_missing_chunks(tmp_path):
+    cache = DiskCache(str(tmp_path / "c.jsonl"))
+    calls = []
+
+    def compute(idx):
+        calls.append(idx)
+        return [i * 10 for i in idx]
+
+    keys = [f"k{i}" for i in range(7)]
+    cache.put_many([("k3", 30), ("k4", 40), ("k5", 40 + 10)])  # the whole chunk 3..5 is done
+    values, computed = chunked_cached(cache, keys, compute, 3, "t")
+    assert values == [0, 10, 20, 30, 40, 50, 60] and computed == 4 and calls == [[0, 1, 2], [6]]
+    assert chunked_cached(DiskCache(str(tmp_path / "c.jsonl")), keys, compute, 3, "t") == (values, 0)
 
 
-def test_chat_template_wraps_prompts(tiny_tokenizer):
-    chat = copy.deepcopy(tiny_tokenizer)  # the fixture is shared: change a copy
-    chat.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
-                          "{% if add_generation_prompt %}<a>{% endif %}")
-    assert chat_wrap(chat) == ("<u>", "</u><a>")
-    assert policy_prompt(chat, "Q?").startswith("<u>Solve the problem step by step.")
-    assert policy_prompt(chat, "Q?").endswith("\n\nQ?</u><a>")
-    head, steps, tail = judge_segments(chat, "Q?", ["a"])
-    assert head.startswith("<u>Check the last step.") and tail.endswith("Answer:</u><a>")
-
-
-def test_answer_token_ids(tiny_tokenizer):
-    yes, no = answer_token_ids(tiny_tokenizer, "Yes"), answer_token_ids(tiny_tokenizer, "No")
-    assert len(encode(tiny_tokenizer, " Yes")) == 1 and encode(tiny_tokenizer, " Yes")[0] in yes
-    assert len(encode(tiny_tokenizer, " No")) == 1 and encode(tiny_tokenizer, " No")[0] in no
-    assert not set(yes) & set(no)
-    decoded = {tiny_tokenizer.decode([i]).strip() for i in yes}
-    assert decoded <= {"Yes", "YES", "yes", "Ye", "YE", "ye"} and "Yes" in decoded
-
-
-def test_packed_judge_equals_separate_prompts(tiny_tokenizer, tiny_model):
-    questions = ["Mia has 12 apples. She finds 3 more apples. How many apples does Mia have now?",
-                 "Ben has 40 coins. He gives away 7 coins. How many coins does Ben have now?"]
-    solutions = [["After that, she has 12 + 3 = 15 apples."],
-                 ["Then he has 40 - 7 = 33 coins left.", "So 33 * 1 = 33.", "Extra 1 + 1 = 2."]]
-    packs = [pack_judge(tiny_tokenizer, q, s) for q, s in zip(questions, solutions)]
-    ids, pos, mask = packed_batch(packs, tiny_tokenizer.pad_token_id)
-    for impl in ("eager", "sdpa"):
-        tiny_model.config._attn_implementation = impl
-        with torch.no_grad():
-            packed = tiny_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            for r, (q, steps) in enumerate(zip(questions, solutions)):
-                for k in range(len(steps)):
-                    head, texts, tail = judge_segments(tiny_tokenizer, q, steps[: k + 1])
-                    sep = encode(tiny_tokenizer, head)
-                    for t in texts + [tail]:
-                        sep += tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
-                    alone = tiny_model(input_ids=torch.tensor([sep])).logits[0, -1]
-                    assert torch.allclose(alone, packed[r, packs[r][3][k]], atol=1e-5)
-    tiny_model.config._attn_implementation = "sdpa"
-
-
-def test_sampling_is_independent_of_batching(tiny_tokenizer, tiny_model):
-    prompts = [policy_prompt(tiny_tokenizer, q) for q in ["Mia has 3 apples.", "Ben has 40 coins and more.",
-                                                         "Zoe?"]]
-    kw = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, progress=False)
-    a = sample(tiny_model, tiny_tokenizer, prompts, batch_size=9, **kw)
-    b = sample(tiny_model, tiny_tokenizer, prompts, batch_size=2, **kw)
-    c = sample(tiny_model, tiny_tokenizer, prompts, batch_size=4, **(kw | {"seed": 6}))
-    assert a == b and a != c
-    assert len(a) == 3 and all(len(row) == 3 for row in a)
-    greedy = sample(tiny_model, tiny_tokenizer, prompts, n=1, max_new_tokens=12, batch_size=1, progress=False)
-    assert greedy == sample(tiny_model, tiny_tokenizer, prompts, n=1, max_new_tokens=12, batch_size=3,
-                            progress=False)
-
-
-def test_greedy_sampling_matches_argmax_decoding(tiny_tokenizer, tiny_model):
-    prompt = policy_prompt(tiny_tokenizer, "Ben has 40 coins.")
-    ids = encode(tiny_tokenizer, prompt)
-    for _ in range(8):
-        with torch.no_grad():
-            ids.append(int(tiny_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    expected = tiny_tokenizer.decode(ids[len(encode(tiny_tokenizer, prompt)):], skip_special_tokens=True)
-    got = sample(tiny_model, tiny_tokenizer, [prompt, "Question: a longer prompt to force left padding here\n"],
-                 n=1, max_new_tokens=8, progress=False)[0][0]
-    assert got == truncate_solution(expected)
-
-
-def test_load_model_from_local_folder(tmp_path, tiny_tokenizer, tiny_model):
-    tiny_model.save_pretrained(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    model, tok = load_model(str(tmp_path))
-    assert tok("Mia has 12")["input_ids"] == tiny_tokenizer("Mia has 12")["input_ids"]
-    for a, b in zip(model.parameters(), tiny_model.parameters()):
-        assert torch.equal(a, b)
+def test_stages_run_scripts_in_order_and_stop_at_a_failure(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.py").write_text("import sys\nopen('ok.txt', 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    (tmp_path / "bad.py").write_text("raise SystemExit(3)\n")
+    (tmp_path / "inproc.py").write_text("def main(argv):\n    return ['got', *argv]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = Stages()
+    assert runner.run("first", "ok.py", ["--A=1"]) == 0
+    assert runner.run("second", "inproc.py", ["--B=2"], in_process=True) == ["got", "--B=2"]
+    with pytest.raises(SystemExit, match=r"^stage third failed with exit status 3: python bad.py --C=3$"):
+        runner.run("third", "bad.py", ["--C=3"])
+    assert (tmp_path / "ok.txt").read_text() == "--A=1\n" and list(runner.seconds) == ["first", "second"]
+    out = capsys.readouterr().out
+    assert "==> first: python ok.py --A=1" in out and "==> second: python inproc.py --B=2" in out
+    assert sys.executable

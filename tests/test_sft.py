@@ -1,3 +1,4 @@
+"""sft.py: the tokenizer, the training examples, a tiny build end to end, and the committed models."""
 import json
 import os
 import random
@@ -5,11 +6,13 @@ import random
 import pytest
 import torch
 
-import evaluate
 import sft
-from common import answer_token_ids, atomic_write_jsonl, encode, judge_answer_text, pack_judge, packed_batch
-from conftest import ROOT
-from data_utils import corrupt_solution, generate_task, join_solution, load_problems, split_steps
+from conftest import COMMITTED, ROOT
+from data_utils import PAIRS_POOL, POLICY_GOLD, load_problems, split_steps
+from task import corrupt_solution, generate_task
+from common import atomic_write_jsonl
+from models import load_model
+from prompts import answer_token_ids, encode, judge_answer_text, pack_judge, packed_batch
 
 
 def test_tokenizer_spells_numbers_digit_by_digit(tiny_tokenizer):
@@ -73,27 +76,6 @@ def test_build_is_skipped_when_up_to_date(tiny_build, capsys):
     assert (folder / "models" / "policy" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_pass_at_k_and_majority():
-    assert evaluate.pass_at_k(8, 0, 3) == 0.0 and evaluate.pass_at_k(8, 8, 1) == 1.0
-    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(0.5)          # 1 - C(3,2)/C(4,2)
-    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert evaluate.majority_answer(["3", "3.0", "4", None]) == "3"
-    assert evaluate.majority_answer(["4", "3"]) == "4" and evaluate.majority_answer([None]) is None
-
-
-def test_score_samples_by_hand():
-    gold = ["5", "7"]
-    greedy = ["x\n#### 5", "x\n#### 6"]
-    samples = [["#### 5", "#### 4", "#### 4"], ["#### 7", "#### 7", "#### 1"]]
-    m = evaluate.score_samples(gold, greedy, samples)
-    assert m["greedy_acc"] == 0.5 and m["sample_acc"] == pytest.approx(3 / 6)
-    assert m["pass_at_k"] == pytest.approx([(1 / 3 + 2 / 3) / 2, (2 / 3 + 1) / 2, 1.0])
-    assert m["maj_at_k"] == pytest.approx([1.0, 1.0, 0.5]) and m["maj_at_3"] == 0.5 and m["pass_at_3"] == 1.0
-
-
-COMMITTED = os.path.join(ROOT, "models")
-
-
 def test_committed_models_load_with_auto_classes():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,8 +89,6 @@ def test_committed_models_load_with_auto_classes():
 
 
 def test_committed_judge_separates_gold_from_corrupted_steps():
-    from common import load_model
-
     judge, tok = load_model(os.path.join(COMMITTED, "judge"))
     yes, no = answer_token_ids(tok, "Yes"), answer_token_ids(tok, "No")
     rng = random.Random(0)
@@ -129,26 +109,6 @@ def test_committed_judge_separates_gold_from_corrupted_steps():
     assert sum(g > b for g, b in zip(gold_scores, bad_scores)) >= 0.65 * len(gold_scores)
 
 
-def test_evaluate_main_writes_run_folder(tmp_path):
-    out = tmp_path / "eval"
-    evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", "--N_PROBLEMS=6", "--K=2",
-                   f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120", f"--CACHE_DIR={tmp_path / 'cache'}",
-                   f"--JUDGE_EVAL_FILE={tmp_path / 'judge_eval.json'}"])
-    judge_eval = json.loads((tmp_path / "judge_eval.json").read_text())
-    assert set(judge_eval["best_of_n"]) == {"n", "judge_min", "judge_prod", "judge_last", "majority", "greedy",
-                                            "random"}
-    assert 0.0 <= judge_eval["step_auroc"] <= 1.0 and "evaluate" in judge_eval["command"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = json.loads((out / "config.json").read_text())
-    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert metrics["n_problems"] == 6 and metrics["k"] == 2 and len(metrics["pass_at_k"]) == 2
-    assert config["K"] == 2 and "evaluate" in config["command"]
-    assert len(samples) == 6 and all(len(s["samples"]) == 2 for s in samples)
-    assert (out / "passk.png").stat().st_size > 1000
-    recount = sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 6
-    assert metrics["greedy_acc"] == recount
-
-
 def test_pairs_pools_are_held_out_from_the_judge_and_the_policy():
     """The problems whose samples the judge scores for pairs (reward_model.py, experiments.py defaults) lie
     inside the judge's held-out range and outside the policy's gold set, and the committed judge was built
@@ -157,29 +117,10 @@ def test_pairs_pools_are_held_out_from_the_judge_and_the_policy():
     import reward_model
 
     first, end = sft.JUDGE_HELD_OUT
+    assert (first, end) == PAIRS_POOL and sft.SFT_GOLD_SIZE == POLICY_GOLD[1] <= first
     for mod in (reward_model, experiments):
         lo, hi = mod.FIRST_PROBLEM, mod.FIRST_PROBLEM + mod.N_PROBLEMS
         assert sft.SFT_GOLD_SIZE <= lo and first <= lo and hi <= end, mod.__name__
     with open(os.path.join(COMMITTED, "judge", "build_config.json")) as f:
         assert json.load(f)["JUDGE_HELD_OUT"] == [first, end]
     assert sft.JUDGE_SAMPLE_PROBLEMS <= min(first, sft.SFT_GOLD_SIZE)
-
-
-def test_pair_quality_counts_clean_pairs_slips_and_the_judges_chosen_auroc(tmp_path):
-    import experiments
-    from data_utils import find_equations, replace_equation
-
-    problem = load_problems(os.path.join(ROOT, "data", "test.jsonl"))[0]
-    step = split_steps(problem["answer"], strip_calc=True)[0][0]
-    lhs, value = find_equations(step)[-1]
-    slip = [replace_equation(step, lhs, value, lhs, value + d) for d in (1, 2)]
-    steps, final = split_steps(problem["answer"], strip_calc=True)
-    rows = [{"prompt": problem["question"], "initial_reason_steps": "", "chosen": c + "\n", "rejected": r + "\n",
-             "full_chosen": join_solution([c] + steps[1:], final)} for c, r in ((step, slip[0]), (slip[0], slip[1]))]
-    atomic_write_jsonl(str(tmp_path / "problems.jsonl"), [problem])
-    atomic_write_jsonl(str(tmp_path / "step_pairs.jsonl"), rows)
-    atomic_write_jsonl(str(tmp_path / "step_pairs_meta.jsonl"), [{"chosen_score": 0.9}, {"chosen_score": 0.2}])
-    q = experiments.pair_quality(str(tmp_path / "step_pairs.jsonl"), str(tmp_path / "problems.jsonl"))
-    # the second pair's continuation repeats the gold steps after its slipped first step: wrong as a whole
-    assert q == {"pairs": 2, "clean": 1, "prefix_right": 2, "chosen_right": 1, "rejected_wrong": 2,
-                 "chosen_continuation_right": 1, "chosen_wrong_arithmetic_slip": 1, "chosen_score_auroc": 1.0}

@@ -1,14 +1,22 @@
+"""StepwiseDPOTrainer: the losses by hand, the reference, accumulation, LoRA; the script as a program (run
+folder, two-process accelerate launch, gradient checkpointing; kill and resume: test_faults.py)."""
 import copy
 import json
 import math
+import os
+import shutil
+import sys
 
 import pytest
 import torch
 from transformers import TrainingArguments
 
+import batching as B
 import train_stepwise_dpo as T
-from common import encode, policy_prompt
+from conftest import FULL_ROWS, ROOT, STEP_ROWS, naive_logp, run_script, train_args, training_rows
 from data_utils import DataError
+from models import load_model
+from prompts import encode, policy_prompt
 
 
 def test_preference_loss_by_hand():
@@ -34,103 +42,6 @@ def test_step_weights_by_hand():
     assert T.step_weights([0.1, 0.9], "chosen", "outcome") == [1.0, 1.0]
 
 
-STEP_ROWS = [
-    {"prompt": "Mia has 12 apples. She finds 3 more apples. How many apples does Mia have now?",
-     "initial_reason_steps": "", "chosen": "After that, she has 12 + 3 = 15 apples.\n",
-     "rejected": "After that, she has 12 + 3 = 16 apples.\n", "answer": "15"},
-    {"prompt": "Ben has 40 coins. He gives away 7 coins. He finds 2 more coins. How many coins does Ben have?",
-     "initial_reason_steps": "Then he has 40 - 7 = 33 coins left.\n", "chosen": "After that, he has 33 + 2 = 35 coins.\n",
-     "rejected": "After that, he has 33 + 2 = 36 coins.\n", "answer": "35"},
-]
-FULL_ROWS = [
-    {"prompt": "Ben has 40 coins. He gives away 7 coins. He finds 2 more coins. How many coins does Ben have?",
-     "chosen_steps": ["Then he has 40 - 7 = 33 coins left.", "After that, he has 33 + 2 = 35 coins."],
-     "rejected_steps": ["Then he has 40 - 7 = 34 coins left.", "After that, he has 34 + 2 = 36 coins."],
-     "chosen_step_scores": [0.9, 0.6], "rejected_step_scores": [0.3, 0.8], "chosen": "x\n#### 35",
-     "rejected": "x\n#### 36", "answer": "35"},
-    {"prompt": "Zoe has 5 eggs. She ends up with twice as many eggs. How many eggs does Zoe have now?",
-     "chosen_steps": ["Now she has 5 * 2 = 10 eggs."], "rejected_steps": ["Now she has 5 + 2 = 7 eggs."],
-     "chosen_step_scores": [0.95], "rejected_step_scores": [0.1], "chosen": "x\n#### 10",
-     "rejected": "x\n#### 7", "answer": "10"},
-]
-
-
-def naive_logp(model, prompt_ids, completion_ids):
-    """log pi(completion | prompt) from a separate, plain forward."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(completion_ids))
-
-
-@pytest.fixture(scope="module")
-def models(tiny_tokenizer, tiny_model):
-    ref = copy.deepcopy(tiny_model)
-    policy = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return policy, ref
-
-
-@pytest.mark.parametrize("sharing", [True, False])
-def test_sequence_logps_equal_separate_forwards(tiny_tokenizer, models, sharing):
-    policy, _ = models
-    feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
-    feats += [T.build_features(tiny_tokenizer, r, "outcome") for r in FULL_ROWS]
-    long_prefix = STEP_ROWS[1] | {"initial_reason_steps": STEP_ROWS[1]["initial_reason_steps"] * 12}
-    feats.append(T.build_features(tiny_tokenizer, long_prefix, "step"))
-    batch = T.collate(feats, tiny_tokenizer.pad_token_id, prefix_sharing=sharing)
-    if sharing:  # shorter pairs share rows in the width of the longest
-        assert len(batch["input_ids"]) < len(feats)
-    with torch.no_grad():
-        got = T.sequence_logps(policy, batch, prefix_sharing=sharing)
-        for i, f in enumerate(feats):
-            # sums of ~40 float32 log-probs near -6 each: 1e-5 per token is float32's resolution here
-            tol = 1e-5 * (len(f["chosen_ids"]) + len(f["rejected_ids"]))
-            assert got["chosen"][i].item() == pytest.approx(naive_logp(policy, f["prompt_ids"], f["chosen_ids"]), abs=tol)
-            assert got["rejected"][i].item() == pytest.approx(naive_logp(policy, f["prompt_ids"], f["rejected_ids"]),
-                                                              abs=tol)
-            assert got["chosen_tokens"][i].item() == len(f["chosen_ids"])
-
-
-class Wrapped(torch.nn.Module):
-    """Stands for a model wrapped for distributed training (DDP's `.module`): it has no decoder to call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = model
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
-
-
-def test_projection_at_scored_positions_equals_full_logits_and_gradients(tiny_tokenizer, models):
-    """The head-only-where-scored path (plain model) against the full-logits path (wrapped model): the same
-    log-probs and the same gradients."""
-    policy, _ = models
-    feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
-    batch = T.collate(feats, tiny_tokenizer.pad_token_id)
-    grads = []
-    for model in (policy, Wrapped(policy)):
-        policy.zero_grad()
-        out = T.sequence_logps(model, batch)
-        (out["chosen"] - out["rejected"]).sum().backward()
-        grads.append([p.grad.clone() for p in policy.parameters()])
-        values = torch.stack([out[k] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")])
-        grads[-1].append(values.detach())
-    policy.zero_grad()
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_pack_rows_first_fit_decreasing_then_balanced():
-    assert T.pack_rows([10, 3, 4, 6, 7], 10) == [[0], [4, 1], [3, 2]]   # balancing 3 rows: no shorter
-    # first fit: [[0, 4, 1], [3, 2]], fullest row 20; balanced over 2 rows: [[0, 2], [4, 3, 1]], fullest 16
-    assert T.pack_rows([10, 3, 4, 6, 7], 20) == [[0, 2], [4, 3, 1]]
-    assert sorted(i for row in T.pack_rows([5] * 7, 12) for i in row) == list(range(7))
-    assert T.pack_rows([4, 4, 4, 4], 1) == [[0], [1], [2], [3]]
-
-
 def test_step_features_have_no_eos_and_full_features_end_with_eos(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     step = T.build_features(tiny_tokenizer, STEP_ROWS[1], "step")
@@ -148,17 +59,17 @@ def make_trainer(model, tokenizer, feats, dpo, ref_model=None, **args):
                 report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no", seed=0)
     return T.StepwiseDPOTrainer(model=model, args=TrainingArguments(**(base | args)),
                                 train_dataset=T.PairDataset(feats), ref_model=ref_model,
-                                data_collator=lambda b: T.collate(b, tokenizer.pad_token_id, True),
-                                dpo={"beta": 0.1, "loss": "sigmoid", "nll_weight": 0.0, "dpop_lambda": 0.0,
-                                     "prefix_sharing": True} | dpo)
+                                data_collator=lambda b: B.collate(b, tokenizer.pad_token_id, True),
+                                dpo=T.DPOSettings(**({"beta": 0.1, "loss": "sigmoid", "nll_weight": 0.0,
+                                                      "dpop_lambda": 0.0, "prefix_sharing": True} | dpo)))
 
 
-def test_step_mode_is_plain_dpo_on_prefix_and_step(tiny_tokenizer, models):
-    policy, ref = models
+def test_step_mode_is_plain_dpo_on_prefix_and_step(tiny_tokenizer, policy_and_ref):
+    policy, ref = policy_and_ref
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
     trainer = make_trainer(policy, tiny_tokenizer, feats, {"beta": 0.3}, ref_model=ref)
     with torch.no_grad():
-        loss = trainer.compute_loss(policy, T.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
+        loss = trainer.compute_loss(policy, B.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
         expected = []
         for r in STEP_ROWS:
             prompt = encode(tiny_tokenizer, policy_prompt(tiny_tokenizer, r["prompt"]) + r["initial_reason_steps"])
@@ -170,8 +81,8 @@ def test_step_mode_is_plain_dpo_on_prefix_and_step(tiny_tokenizer, models):
     assert loss == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
 
-def test_weighted_with_equal_scores_is_outcome(tiny_tokenizer, models):
-    policy, ref = models
+def test_weighted_with_equal_scores_is_outcome(tiny_tokenizer, policy_and_ref):
+    policy, ref = policy_and_ref
     equal = [dict(r, chosen_step_scores=[0.7] * len(r["chosen_steps"]),
                   rejected_step_scores=[0.4] * len(r["rejected_steps"])) for r in FULL_ROWS]
     losses = {}
@@ -179,18 +90,18 @@ def test_weighted_with_equal_scores_is_outcome(tiny_tokenizer, models):
         feats = [T.build_features(tiny_tokenizer, r, mode) for r in equal]
         trainer = make_trainer(policy, tiny_tokenizer, feats, {}, ref_model=ref)
         with torch.no_grad():
-            losses[mode] = trainer.compute_loss(policy, T.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
+            losses[mode] = trainer.compute_loss(policy, B.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
     assert losses["weighted"] == pytest.approx(losses["outcome"], abs=1e-6)
 
 
-def test_weighted_mode_by_hand(tiny_tokenizer, models):
+def test_weighted_mode_by_hand(tiny_tokenizer, policy_and_ref):
     """margin = sum_t a_t h_t(chosen) - sum_t b_t h_t(rejected), with h from separate forwards per step."""
-    policy, ref = models
+    policy, ref = policy_and_ref
     row = FULL_ROWS[0]
     feats = [T.build_features(tiny_tokenizer, row, "weighted")]
     trainer = make_trainer(policy, tiny_tokenizer, feats, {"beta": 0.5}, ref_model=ref)
     with torch.no_grad():
-        loss = trainer.compute_loss(policy, T.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
+        loss = trainer.compute_loss(policy, B.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
         prompt = encode(tiny_tokenizer, policy_prompt(tiny_tokenizer, row["prompt"]))
 
         def side(steps, final, weights):
@@ -210,10 +121,10 @@ def test_weighted_mode_by_hand(tiny_tokenizer, models):
     assert loss == pytest.approx(math.log(1 + math.exp(-0.5 * margin)), abs=1e-5)
 
 
-def test_nll_term_adds_mean_chosen_token_nll(tiny_tokenizer, models):
-    policy, ref = models
+def test_nll_term_adds_mean_chosen_token_nll(tiny_tokenizer, policy_and_ref):
+    policy, ref = policy_and_ref
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
-    batch = T.collate(feats, tiny_tokenizer.pad_token_id, True)
+    batch = B.collate(feats, tiny_tokenizer.pad_token_id, True)
     with torch.no_grad():
         base = make_trainer(policy, tiny_tokenizer, feats, {}, ref_model=ref).compute_loss(policy, batch).item()
         with_nll = make_trainer(policy, tiny_tokenizer, feats, {"nll_weight": 2.0}, ref_model=ref).compute_loss(
@@ -226,17 +137,17 @@ def test_nll_term_adds_mean_chosen_token_nll(tiny_tokenizer, models):
     assert sft == pytest.approx(sum(nll) / len(nll), abs=1e-5)
 
 
-def test_precomputed_reference_equals_live_reference(tiny_tokenizer, models):
-    policy, ref = models
+def test_precomputed_reference_equals_live_reference(tiny_tokenizer, policy_and_ref):
+    policy, ref = policy_and_ref
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
     live = make_trainer(policy, tiny_tokenizer, feats, {}, ref_model=ref)
     with torch.no_grad():
-        live_loss = live.compute_loss(policy, T.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
+        live_loss = live.compute_loss(policy, B.collate(feats, tiny_tokenizer.pad_token_id, True)).item()
     pre = [dict(f) for f in feats]
-    T.precompute_reference(ref, pre, 2, tiny_tokenizer.pad_token_id, True)
+    B.precompute_reference(ref, pre, 2, tiny_tokenizer.pad_token_id, True)
     trainer = make_trainer(policy, tiny_tokenizer, pre, {})
     with torch.no_grad():
-        pre_loss = trainer.compute_loss(policy, T.collate(pre, tiny_tokenizer.pad_token_id, True)).item()
+        pre_loss = trainer.compute_loss(policy, B.collate(pre, tiny_tokenizer.pad_token_id, True)).item()
     assert pre_loss == pytest.approx(live_loss, abs=1e-6)
 
 
@@ -244,7 +155,7 @@ def test_accumulation_matches_one_big_batch(tiny_tokenizer, tiny_model):
     rows = [dict(STEP_ROWS[i % 2], chosen=STEP_ROWS[i % 2]["chosen"].replace("apples", "apples" + "!" * i))
             for i in range(8)]
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in rows]
-    T.precompute_reference(tiny_model, feats, 8, tiny_tokenizer.pad_token_id, True)
+    B.precompute_reference(tiny_model, feats, 8, tiny_tokenizer.pad_token_id, True)
     results = []
     for batch, accum in ((8, 1), (2, 4)):
         model = copy.deepcopy(tiny_model)
@@ -276,16 +187,100 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_tokenizer, tiny_
                                                                  target_modules=["q_proj", "v_proj"],
                                                                  task_type="CAUSAL_LM"))
     feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
-    batch = T.collate(feats, tiny_tokenizer.pad_token_id, True)
+    batch = B.collate(feats, tiny_tokenizer.pad_token_id, True)
     trainer = make_trainer(model, tiny_tokenizer, feats, {}, max_steps=3, lr_scheduler_type="constant",
                            learning_rate=1e-2, disable_tqdm=True)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora" not in k}
     trainer.train()
     with torch.no_grad():
         ref_chosen, ref_rejected, _ = trainer.reference_logps(model, batch)
-        expected = T.sequence_logps(base, batch)
-        trained = T.sequence_logps(model, batch)
+        expected = B.sequence_logps(base, batch)
+        trained = B.sequence_logps(model, batch)
     assert torch.allclose(ref_chosen, expected["chosen"], atol=1e-5)
     assert torch.allclose(ref_rejected, expected["rejected"], atol=1e-5)
     assert not torch.allclose(trained["chosen"], expected["chosen"], atol=1e-4)   # the adapters learned
     assert all(torch.equal(v, base_before[k]) for k, v in model.named_parameters() if "lora" not in k)
+
+
+def run(args, launcher=(sys.executable,)):
+    run_script("train_stepwise_dpo.py", args, launcher)
+
+
+def test_run_folder_and_learning(train_setup, tmp_path):
+    out = tmp_path / "run"
+    run(train_args(train_setup, out, "--BATCH_SIZE=8", "--EPOCHS=3", "--SAVE_STEPS=100"))
+    rows = training_rows(out)
+    assert len(rows) == 18 and [r["step"] for r in rows] == list(range(1, 19))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "nll/chosen", "step/chosen_tokens"):
+        assert key in rows[0]
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)   # policy == reference at step 1
+    assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["rewards/accuracies"] > 0.6
+    config = json.loads((out / "config.json").read_text())
+    assert config["MODE"] == "step" and config["n_pairs"] == 48 and "train_stepwise_dpo.py" in config["command"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 18 and (out / "training.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    start = AutoModelForCausalLM.from_pretrained(train_setup / "policy")
+    assert (out / "model" / "model.safetensors").exists()
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate launcher not installed")
+def test_two_process_accelerate_matches_single_process(train_setup, tmp_path):
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    single = tmp_path / "single"
+    run(train_args(train_setup, single, "--BATCH_SIZE=4", "--MAX_STEPS=5", "--SAVE_STEPS=100"))
+    double = tmp_path / "double"
+    run(train_args(train_setup, double, "--BATCH_SIZE=2", "--MAX_STEPS=5", "--SAVE_STEPS=100"),
+        launcher=(launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"))
+    a, b = training_rows(single), training_rows(double)
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+        assert rb["rewards/margins"] == pytest.approx(ra["rewards/margins"], abs=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(train_setup, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    run(train_args(train_setup, plain, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100"))
+    run(train_args(train_setup, checkpointed, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100",
+                   "--GRADIENT_CHECKPOINTING=true"))
+    a, b = training_rows(plain), training_rows(checkpointed)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
+    assert a[-1]["rewards/margins"] != 0.0
+
+
+def test_lora_run_saves_an_adapter_that_load_model_rebuilds(train_setup, tmp_path):
+    out = tmp_path / "lora"
+    run(train_args(train_setup, out, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", "--LORA=true",
+                   "--LORA_R=4", "--REFERENCE=live", "--GRADIENT_CHECKPOINTING=true"))
+    files = set(os.listdir(out / "model"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(train_setup / "policy")
+    rows = training_rows(out)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["rewards/margins"] != 0.0
+    merged, _ = load_model(out / "model")
+    base, _ = load_model(train_setup / "policy")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+
+
+def test_accelerate_configs_for_gpus_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ddp = load_config_from_file(os.path.join(ROOT, "configs", "accelerate_ddp.yaml"))
+    zero3 = load_config_from_file(os.path.join(ROOT, "configs", "accelerate_zero3.yaml"))
+    assert ddp.distributed_type == "MULTI_GPU" and zero3.distributed_type == "DEEPSPEED"
+    assert ddp.mixed_precision == zero3.mixed_precision == "bf16" and not ddp.use_cpu
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
+    # batch size, accumulation and clipping come from the script's own arguments ("auto" in DeepSpeed)
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(zero3.deepspeed_config)

@@ -1,0 +1,340 @@
+"""Models: loading (Hub id, local folder, GGUF file, LoRA adapter), weight fingerprints, sampling, and the
+policy behind one `.sample` whether it runs here or behind an OpenAI-compatible server.
+"""
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+from prompts import FINAL_MARK, encode, left_pad, truncate_solution
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _source(name_or_path, trust_remote_code):
+    """(path, from_pretrained kwargs): a .gguf file becomes its folder plus gguf_file=."""
+    path, kwargs = str(name_or_path), {"trust_remote_code": trust_remote_code}
+    if path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.split(path)
+    return path, kwargs
+
+
+def load_tokenizer(name_or_path, trust_remote_code=False):
+    """The tokenizer of a Hub id, a local folder or a GGUF file, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = _source(name_or_path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_device():
+    """This process's GPU (cuda:LOCAL_RANK, as accelerate launch numbers them) when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=None):
+    """(model, tokenizer) from a Hub id, a local folder, or a GGUF file (dequantized by transformers), moved
+    to `device` when one is given. A folder holding a LoRA adapter (adapter_config.json, as
+    train_stepwise_dpo.py saves with LORA=true) loads its base model, then the adapter, merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter = os.path.join(str(name_or_path), "adapter_config.json")
+    if os.path.isfile(adapter):
+        from peft import PeftModel
+
+        with open(adapter) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        model, tokenizer = load_model(base, dtype, trust_remote_code, device)
+        model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
+        return model.eval(), tokenizer
+    path, kwargs = _source(name_or_path, trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if "gguf_file" in kwargs:  # plain dense weights (trainable, saveable), never GGUF blocks left packed
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    # weights only from safetensors files (never unpickled); a GGUF file is its own format
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 use_safetensors=None if "gguf_file" in kwargs else True, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def fingerprint(path):
+    """A short id of a local model's weights (size and the ends of each weight file), so that a cache
+    never serves scores of a different checkpoint saved under the same name. Hub ids map to themselves."""
+    files = []
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    elif os.path.isfile(path):
+        files = [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def forward_at(model, rows, cols, **inputs):
+    """(logits at the (rows, cols) positions, the model's KV cache when the inputs ask for one): the decoder
+    runs on every token, the vocabulary projection only where it is read (with a 150k vocabulary the full
+    logits of a batch take GBs). A model wrapped for distributed training (`.module`), or whose head does
+    more than a linear map (logit soft-capping or scaling), takes the plain full-logits path."""
+    if not hasattr(model, "module") and not any(getattr(model.config, a, None) for a in (
+            "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")):
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        if decoder is not None and head is not None:
+            out = decoder(**inputs)
+            return head(out.last_hidden_state[rows, cols]), out.cache
+    out = model(**inputs)
+    return out.logits[rows, cols], out.cache
+
+
+def logits_at(model, rows, cols, **inputs):
+    """Logits at the (rows, cols) positions only (see forward_at)."""
+    return forward_at(model, rows, cols, **inputs)[0]
+
+
+class Rows:
+    """Token rows that grow by chunks of different lengths through one KV cache. feed() appends each row's
+    chunk (right-padded: the padding is masked from every later token, and a row's positions count only its
+    own tokens) and returns every row's next-token logits after its last token (a row fed nothing keeps
+    the logits it had). The generative judge writes its checks on it."""
+
+    def __init__(self, model, n_rows, pad_id):
+        import torch
+
+        self.model, self.pad_id, self.torch = model, pad_id, torch
+        self.device = next(model.parameters()).device
+        self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=self.device)
+        self.length = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        self.cache, self.logits = None, None
+
+    def feed(self, chunks):
+        """chunks: a list of token ids per row, possibly empty. Returns the (rows, vocab) logits."""
+        torch = self.torch
+        width = max(map(len, chunks))
+        if not width:
+            return self.logits
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+        real = torch.zeros((len(chunks), width), dtype=torch.long)
+        for r, chunk in enumerate(chunks):
+            ids[r, : len(chunk)], real[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long), 1
+        ids, real = ids.to(self.device), real.to(self.device)
+        positions = self.length[:, None] + torch.arange(width, device=self.device)[None]
+        self.mask = torch.cat([self.mask, real], dim=1)
+        fed = real.sum(1)
+        logits, self.cache = forward_at(self.model, torch.arange(len(chunks), device=self.device),
+                                        (fed - 1).clamp(min=0), input_ids=ids, attention_mask=self.mask,
+                                        position_ids=positions, cache=self.cache, use_cache=True)
+        self.logits = logits if self.logits is None else torch.where((fed > 0)[:, None], logits, self.logits)
+        self.length += fed
+        return self.logits
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_seed(prompt_seed, j):
+    """The seed of sample j of a prompt, the same for the local sampler and a served policy."""
+    return prompt_seed * 1_000_003 + j
+
+
+def _pick_tokens(logits, temperature, top_p, generators):
+    """Next token per row: argmax when temperature is 0, else top-p sampling with one uniform draw per row
+    from that row's own generator (so a row's sample does not depend on what else is in the batch)."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cdf = sorted_probs.cumsum(-1)
+    keep = (cdf - sorted_probs) < top_p           # always keeps the most likely token
+    sorted_probs = sorted_probs * keep
+    cdf = sorted_probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
+    idx = (cdf < u[:, None]).sum(-1).clamp(max=cdf.shape[1] - 1)
+    return order.gather(1, idx[:, None]).squeeze(1)
+
+
+def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=200, batch_size=64,
+           seed=0, seeds=None, desc="sampling", progress=True):
+    """n completions per prompt, as lists of strings (truncated after the final-answer line).
+
+    Sample j of prompt i draws from a generator seeded by sample_seed(seeds[i], j) (default seeds[i] =
+    seed + i), so results do not depend on batch size or order. Left padding with explicit position ids."""
+    import torch
+    from tqdm import tqdm
+
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+    encoded = [encode(tokenizer, p) for p in prompts]
+    jobs = sorted(((i, j) for i in range(len(prompts)) for j in range(n)), key=lambda ij: -len(encoded[ij[0]]))
+    out = [[None] * n for _ in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(sample_seed(seeds[i], j)) for i, j in batch]
+        ids, mask = left_pad([encoded[i] for i, _ in batch], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generated = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long)
+        done = torch.zeros(len(batch), dtype=torch.bool)
+        with torch.no_grad():
+            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1)
+            for t in range(max_new_tokens):
+                next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p, gens)
+                next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+                generated[:, t] = next_ids
+                done |= next_ids == eos
+                if t % 16 == 15:  # a solution also ends at its final-answer line, whatever follows it
+                    texts = tokenizer.batch_decode(generated[:, : t + 1], skip_special_tokens=True)
+                    done |= torch.tensor(["\n" in s[s.find(FINAL_MARK):] if FINAL_MARK in s else False
+                                          for s in texts])
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
+                positions = positions[:, -1:] + 1
+                result = model(input_ids=next_ids[:, None].to(device), attention_mask=mask,
+                               position_ids=positions, cache=result.cache, use_cache=True)
+        for r, (i, j) in enumerate(batch):
+            row = generated[r].tolist()
+            row = row[: row.index(eos)] if eos in row else row
+            out[i][j] = truncate_solution(tokenizer.decode(row, skip_special_tokens=True))
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+class LocalPolicy:
+    """A transformers model as policy (local folder, Hub id or .gguf file)."""
+
+    def __init__(self, spec, dtype="float32", trust_remote_code=False, batch_size=64):
+        self.model, self.tokenizer = load_model(spec, dtype, trust_remote_code, default_device())
+        self.batch_size, self.id = batch_size, f"{spec}@{fingerprint(spec)}"
+
+    def sample(self, prompts, n, temperature, top_p, max_new_tokens, seeds):
+        """n completions per prompt (lists of strings, cut after the final-answer line)."""
+        return sample(self.model, self.tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens, batch_size=self.batch_size, seeds=seeds, progress=False)
+
+
+class ServerError(RuntimeError):
+    """An OpenAI-compatible server could not answer after bounded retries, or refused the request."""
+
+
+class PolicyError(ServerError):
+    """A served policy could not sample after bounded retries."""
+
+
+def completions_url(base_url):
+    """The /v1/completions address of a server given by its base URL (with or without /v1)."""
+    base = base_url.rstrip("/")
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+class CompletionsClient:
+    """POSTs to an OpenAI-compatible /v1/completions endpoint with bounded retries and exponential backoff
+    (connection errors, timeouts, 429, 5xx and malformed replies are retried; other 4xx are not).
+    `workers` requests run at once (a server such as vLLM batches them); results keep their order."""
+
+    role, error = "server", ServerError
+
+    def __init__(self, base_url, model_name="", api_key=None, timeout=30.0, retries=4, backoff=0.5, workers=1):
+        self.url = completions_url(base_url)
+        self.model_name, self.api_key = model_name, api_key
+        self.timeout, self.retries, self.backoff, self.workers = timeout, retries, backoff, max(1, workers)
+        self.id = f"{base_url}#{model_name}"
+
+    def post(self, fields):
+        """The parsed JSON reply to {"model": model_name, **fields}."""
+        body = json.dumps({"model": self.model_name, **fields}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    reply = json.loads(resp.read().decode("utf-8"))
+                if not isinstance(reply, dict) or not reply.get("choices"):
+                    last = "reply has no choices"
+                    continue
+                return reply
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code != 429 and e.code < 500:
+                    raise self.error(f"{self.role} {self.url} refused the request: {last}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                last = f"malformed JSON ({e})"
+        raise self.error(f"{self.role} {self.url} failed after {self.retries + 1} tries: {last}")
+
+    def map(self, fn, jobs):
+        """[fn(job) for job in jobs], `workers` at once, in order."""
+        if self.workers == 1 or len(jobs) < 2:
+            return [fn(job) for job in jobs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(fn, jobs))
+
+    def post_all(self, requests):
+        """Replies to a list of request bodies, in order."""
+        return self.map(self.post, requests)
+
+
+class HTTPPolicy(CompletionsClient):
+    """A policy served behind an OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server): one
+    request per sample with its own seed (sample_seed, as the local sampler), so a rerun draws the same
+    samples on a server that honours per-request seeds. Prompts arrive rendered (with the policy
+    tokenizer's chat template when it has one) and are sent raw."""
+
+    role, error = "policy server", PolicyError
+
+    def __init__(self, base_url, model_name="", api_key=None, timeout=120.0, retries=4, backoff=0.5, workers=1):
+        super().__init__(base_url, model_name, api_key, timeout, retries, backoff, workers)
+
+    def sample(self, prompts, n, temperature, top_p, max_new_tokens, seeds):
+        """n completions per prompt (lists of strings, cut after the final-answer line)."""
+        requests = [{"prompt": p, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                     "n": 1, "seed": sample_seed(s, j)} for p, s in zip(prompts, seeds) for j in range(n)]
+        texts = [truncate_solution(r["choices"][0].get("text") or "") for r in self.post_all(requests)]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def make_policy(spec, model_name="", tokenizer="", api_key=None, timeout=120.0, retries=4, workers=1,
+                dtype="float32", trust_remote_code=False, batch_size=64):
+    """(policy, tokenizer) from a spec: an http(s):// base URL (a served model; its tokenizer, for the chat
+    template, is `tokenizer` or None) or a local folder / Hub id / .gguf file."""
+    if spec.startswith(("http://", "https://")):
+        tok = load_tokenizer(tokenizer, trust_remote_code) if tokenizer else None
+        return HTTPPolicy(spec, model_name, api_key, timeout, retries, workers=workers), tok
+    policy = LocalPolicy(spec, dtype, trust_remote_code, batch_size)
+    return policy, policy.tokenizer

@@ -1,0 +1,56 @@
+"""evaluate.py: the policy's metrics by hand, judge best-of-K, and the run folder."""
+import json
+import os
+
+import pytest
+
+import evaluate
+from conftest import COMMITTED
+
+
+def test_score_samples_by_hand():
+    gold = ["5", "7"]
+    greedy = ["x\n#### 5", "x\n#### 6"]
+    samples = [["#### 5", "#### 4", "#### 4"], ["#### 7", "#### 7", "#### 1"]]
+    m = evaluate.score_samples(gold, greedy, samples)
+    assert m["greedy_acc"] == 0.5 and m["sample_acc"] == pytest.approx(3 / 6)
+    assert m["pass_at_k"] == pytest.approx([(1 / 3 + 2 / 3) / 2, (2 / 3 + 1) / 2, 1.0])
+    assert m["maj_at_k"] == pytest.approx([1.0, 1.0, 0.5]) and m["maj_at_3"] == 0.5 and m["pass_at_3"] == 1.0
+
+
+def test_judge_pick():
+    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "min") == 1
+    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "last") == 1
+    assert evaluate.judge_pick([[0.9, 0.2], [0.5, 0.6], [0.6, 0.5]], "prod") == 1
+    assert evaluate.judge_pick([[], [0.0]], "min") == 0
+
+
+def test_evaluate_main_writes_run_folder(tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", "--N_PROBLEMS=6", "--K=2",
+                   f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120", f"--CACHE_DIR={tmp_path / 'cache'}",
+                   f"--JUDGE_EVAL_FILE={tmp_path / 'judge_eval.json'}"])
+    judge_eval = json.loads((tmp_path / "judge_eval.json").read_text())
+    assert set(judge_eval["best_of_n"]) == {"n", "judge_min", "judge_prod", "judge_last", "majority", "greedy",
+                                            "random"}
+    assert 0.0 <= judge_eval["step_auroc"] <= 1.0 and "evaluate" in judge_eval["command"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert metrics["n_problems"] == 6 and metrics["k"] == 2 and len(metrics["pass_at_k"]) == 2
+    assert config["K"] == 2 and "evaluate" in config["command"]
+    assert len(samples) == 6 and all(len(s["samples"]) == 2 for s in samples)
+    assert (out / "passk.png").stat().st_size > 1000
+    recount = sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 6
+    assert metrics["greedy_acc"] == recount
+
+
+def test_greedy_only_evaluation_with_k_0(tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", "--N_PROBLEMS=5", "--K=0", "--JUDGE=",
+                   "--JUDGE_EVAL_FILE=", f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=120"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert set(metrics) == {"n_problems", "k", "greedy_acc", "seconds"} and metrics["k"] == 0
+    assert len(samples) == 5 and "samples" not in samples[0] and not (out / "passk.png").exists()
+    assert metrics["greedy_acc"] == sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 5
