@@ -9,9 +9,10 @@ the test set:
 - sft:             the starting policy (no training; the same number on every seed);
 - sft_continued:   more supervised training on the chosen steps of the judge's step pairs (LOSS=sft:
                    only the NLL term) -- is the preference term needed at all?
-- outcome_dpo:     plain DPO on whole solutions (right vs wrong final answer), MODE=outcome;
+- outcome_dpo:     plain DPO on whole solutions, the first right against the first wrong sample (the final
+                   answer alone, no judge), MODE=outcome;
 - step_dpo:        Step-DPO on the judge's step pairs, MODE=step;
-- weighted_dpo:    whole-solution pairs with each step weighted by the judge's score, MODE=weighted;
+- weighted_dpo:    whole-solution pairs picked by the judge, each step weighted by its score, MODE=weighted;
 - step_dpo_oracle: Step-DPO on pairs built with the task's reference step labels instead of the judge
                    (JUDGE=oracle:...): what a perfect judge would give.
 
@@ -52,12 +53,12 @@ EVAL_BATCH = 128
 THREADS = 2
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
-TRAINING = {  # method -> (pairs folder, trainer overrides)
-    "sft_continued": ("judged", ["--MODE=step", "--LOSS=sft"]),
-    "outcome_dpo": ("judged", ["--MODE=outcome"]),
-    "step_dpo": ("judged", ["--MODE=step"]),
-    "weighted_dpo": ("judged", ["--MODE=weighted"]),
-    "step_dpo_oracle": ("oracle", ["--MODE=step"]),
+TRAINING = {  # method -> (pairs file, trainer overrides)
+    "sft_continued": ("judged/step_pairs.jsonl", ["--MODE=step", "--LOSS=sft"]),
+    "outcome_dpo": ("judged/outcome_pairs.jsonl", ["--MODE=outcome"]),
+    "step_dpo": ("judged/step_pairs.jsonl", ["--MODE=step"]),
+    "weighted_dpo": ("judged/full_pairs.jsonl", ["--MODE=weighted"]),
+    "step_dpo_oracle": ("oracle/step_pairs.jsonl", ["--MODE=step"]),
 }
 
 
@@ -80,9 +81,8 @@ def one_run(cfg, runner, method, seed, n_problems):
             return json.load(f)["greedy_acc"]
     model = cfg["POLICY"]
     if method != "sft":
-        pairs_dir, overrides = TRAINING[method]
-        data = os.path.join(cfg["RUN_DIR"], pairs_dir,
-                            "step_pairs.jsonl" if "--MODE=step" in overrides else "full_pairs.jsonl")
+        pairs_file, overrides = TRAINING[method]
+        data = os.path.join(cfg["RUN_DIR"], pairs_file)
         runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", [
             f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}", f"--SEED={seed}",
             f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}", *overrides,

@@ -125,16 +125,20 @@ def make_step_pair(question, gold, prefix, good, bad, e, source):
     return row, meta
 
 
-def full_pair(question, gold, solutions):
-    """A whole-solution pair for `weighted`/`outcome` DPO: the best correct sample (by min step score)
-    against the worst incorrect one; None when the samples are all right or all wrong."""
-    scored = [s for s in solutions if s["steps"] and None not in s["scores"]]
+def full_pair(question, gold, solutions, by_judge=True):
+    """A whole-solution pair, None when the samples are all right or all wrong. by_judge (for `weighted` DPO):
+    the correct sample the judge scores best (min step score) against the incorrect one it scores worst;
+    otherwise (outcome-only DPO, which must not use the judge) the first correct sample against the first
+    incorrect one, in the order they were sampled."""
+    scored = [s for s in solutions if s["steps"] and (None not in s["scores"] or not by_judge)]
     right = [s for s in scored if s["correct"]]
     wrong = [s for s in scored if not s["correct"]]
     if not right or not wrong:
         return None
-    good = max(right, key=lambda s: aggregate(s["scores"], "min"))
-    bad = min(wrong, key=lambda s: aggregate(s["scores"], "min"))
+    good, bad = right[0], wrong[0]
+    if by_judge:
+        good = max(right, key=lambda s: aggregate(s["scores"], "min"))
+        bad = min(wrong, key=lambda s: aggregate(s["scores"], "min"))
     return {"prompt": question, "chosen": join_solution(good["steps"], good["final"]),
             "rejected": join_solution(bad["steps"], bad["final"]), "chosen_steps": good["steps"],
             "rejected_steps": bad["steps"], "chosen_step_scores": good["scores"],

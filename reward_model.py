@@ -13,7 +13,8 @@ Samples and scores are cached on disk in fixed chunks: a killed run continues wh
 the same bytes as an uninterrupted one.
 
 Writes OUT_DIR/judged.jsonl (TRL stepwise-supervision shape with float `step_scores`, and the judge's
-`checks`), step_pairs.jsonl (the Math-Step-DPO-10K shape), full_pairs.jsonl, counts.json and config.json.
+`checks`), step_pairs.jsonl (the Math-Step-DPO-10K shape), full_pairs.jsonl (whole solutions picked by the
+judge), outcome_pairs.jsonl (picked by the final answer alone), counts.json and config.json.
 """
 import hashlib
 import json
@@ -26,7 +27,7 @@ import time
 from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, chunked_cached, command_line,
                     config_from_argv, print_json)
 from data_utils import PAIRS_POOL, load_problems, split_steps
-from task import label_steps
+from task import OracleJudge
 from models import (CompletionsClient, Rows, ServerError, _pick_tokens, default_device, fingerprint, load_model,
                     load_tokenizer, logits_at, make_policy)
 from pairs import build_step_pairs, full_pair, parse_solution
@@ -348,24 +349,6 @@ def parse_reply(reply):
     return None
 
 
-class OracleJudge:
-    """Not an LLM: the bundled task's programmatic reference labels (task.label_steps) as step scores
-    (1.0 right, 0.0 wrong), looked up by question in a problems file. The ceiling a judge can reach; used by
-    the experiments as a control (spec "oracle:data/train.jsonl")."""
-
-    def __init__(self, problems_file):
-        self.answers = {p["question"]: p["answer"] for p in load_problems(problems_file)}
-        self.id, self.template = f"oracle:{problems_file}@{fingerprint(problems_file)}", ONE_PASS_TEMPLATE
-
-    def score(self, items):
-        out = []
-        for question, steps in items:
-            if question not in self.answers:
-                raise JudgeError(f"oracle judge: question not in its problems file: {question[:80]!r}")
-            out.append({"scores": [float(ok) for ok in label_steps(self.answers[question], steps)], "raw": None})
-        return out
-
-
 def make_judge(spec, cfg=None):
     """A judge from a spec: an http(s):// base URL (a served model), a local folder / Hub id / .gguf file, or
     oracle:PROBLEMS_FILE (the programmatic reference labels, a control for experiments). Its settings are the
@@ -377,7 +360,7 @@ def make_judge(spec, cfg=None):
     generation = {"max_tokens": c["CHECK_TOKENS"], "votes": c["CHECK_VOTES"], "temperature": c["CHECK_TEMPERATURE"],
                   "seed": c["SEED"]}
     if spec.startswith("oracle:"):
-        return OracleJudge(spec[len("oracle:"):])
+        return OracleJudge(spec[len("oracle:"):], ONE_PASS_TEMPLATE)
     if spec.startswith(("http://", "https://")):
         tok = load_tokenizer(c["JUDGE_TOKENIZER"], c["TRUST_REMOTE_CODE"]) if c["JUDGE_TOKENIZER"] else None
         served = (spec, c["JUDGE_MODEL_NAME"], tok, os.environ.get(c["JUDGE_API_KEY_ENV"]), c["HTTP_TIMEOUT"],
@@ -462,8 +445,9 @@ def main(argv):
                                                        cfg["CHOSEN_REACHES_ANSWER"], cfg["REJECTED_FROM_WRONG"],
                                                        cfg["CHOSEN_ACCEPTED"])
 
-    # 4. full-solution pairs
-    full_pairs = [p for p in (full_pair(q, g, row) for q, g, row in zip(questions, gold, solutions)) if p]
+    # 4. whole-solution pairs: picked by the judge (weighted DPO), and by the final answer alone (outcome DPO)
+    full_pairs, outcome_pairs = ([p for q, g, row in zip(questions, gold, solutions)
+                                  if (p := full_pair(q, g, row, by_judge))] for by_judge in (True, False))
 
     out = cfg["OUT_DIR"]
     judged = [{"prompt": q, "completions": s["steps"], "labels": [x is not None and x >= cfg["THRESHOLD"]
@@ -480,7 +464,7 @@ def main(argv):
                                  for src in ("other_sample", "rectified")},
         "rectification_attempts": attempts,
         "rectification_success_rate": rectified / attempts if attempts else None,
-        "full_pairs": len(full_pairs),
+        "full_pairs": len(full_pairs), "outcome_pairs": len(outcome_pairs),
     }
     # what this run computed rather than found in the cache (differs between a resumed and a fresh run)
     run_log = {"computed": computed, "seconds": round(time.time() - t0, 1)}
@@ -489,6 +473,7 @@ def main(argv):
     atomic_write_jsonl(os.path.join(out, "step_pairs.jsonl"), [row for row, _ in step_pairs])
     atomic_write_jsonl(os.path.join(out, "step_pairs_meta.jsonl"), [meta for _, meta in step_pairs])
     atomic_write_jsonl(os.path.join(out, "full_pairs.jsonl"), full_pairs)
+    atomic_write_jsonl(os.path.join(out, "outcome_pairs.jsonl"), outcome_pairs)
     atomic_write_json(os.path.join(out, "counts.json"), counts)
     atomic_write_json(os.path.join(out, "run_log.json"), run_log)
     print_json(counts | run_log)

@@ -33,7 +33,7 @@ import torch
 
 from common import atomic_write_json, command_line, config_from_argv, print_json
 from data_utils import PAIRS_POOL, POLICY_GOLD, join_solution, load_problems, split_steps
-from task import check_text, corrupt_solution, label_steps
+from task import check_text, corrupt_solution, drill_equation, label_steps
 from models import fingerprint, load_model, sample
 from prompts import (ANSWER_CUE, CHECK_CUE, check_answer, check_head, check_step, encode, judge_answer_text,
                      judge_segments, pack_judge, packed_batch, policy_prompt)
@@ -76,6 +76,9 @@ JUDGE_MODE = "one_pass"   # check: it learns to write a check of each step befor
                           # checks in its training data are written from the reference solution (task.check_text)
                           # one_pass: it learns to answer right after each step
 JUDGE_MAX_LEN = 320       # tokens of one judge example (a checked solution is about twice the solution)
+JUDGE_DRILL_STEPS = 1500  # check mode: steps of arithmetic drills alone before the checks ('Check: 34 + 12 = 46',
+JUDGE_DRILL_BATCH = 16    # the result learned; task.drill_equation), and drill sequences per step in both phases:
+DRILL_LINES = 16          # the computation its checks make, as a dense target; drills per sequence
 # shared optimizer details
 WARMUP_STEPS = 50
 WEIGHT_DECAY = 0.01
@@ -168,6 +171,19 @@ def check_example(tokenizer, question, steps, labels, checks):
         read = tokenizer(check_step(step), add_special_tokens=False)["input_ids"]
         written = tokenizer(check + ANSWER_CUE, add_special_tokens=False)["input_ids"]
         written += tokenizer(check_answer(ok), add_special_tokens=False)["input_ids"]
+        ids += read + written
+        targets += [-100] * len(read) + written
+    return ids, targets
+
+
+def drill_example(tokenizer, rng, lines):
+    """(input_ids, labels) of `lines` arithmetic drills written as checks ('Check: 34 + 12 = 46'), only the
+    results learned: the computation a check makes, on equations of the task's ranges (task.drill_equation)."""
+    ids, targets = [], []
+    for _ in range(lines):
+        lhs, result = drill_equation(rng).split(" = ")
+        read = tokenizer(CHECK_CUE + f" {lhs} =", add_special_tokens=False)["input_ids"]
+        written = tokenizer(f" {result}\n", add_special_tokens=False)["input_ids"]
         ids += read + written
         targets += [-100] * len(read) + written
     return ids, targets
@@ -289,7 +305,7 @@ def build_judge(cfg, tokenizer, problems):
         labels = label_steps(p["answer"], steps)
         if checks:
             gold = gold_steps[p["question"]]
-            return check_example(tokenizer, p["question"], steps, labels, [check_text(gold, k) for k in range(len(steps))])
+            return check_example(tokenizer, p["question"], steps, labels, [check_text(gold, k, s) for k, s in enumerate(steps)])
         return judge_example(tokenizer, p["question"], steps, labels)
 
     def draw():
@@ -325,10 +341,19 @@ def build_judge(cfg, tokenizer, problems):
         if cfg["JUDGE_SFT_BATCH"]:
             ids, mask, labels = collate(next(solutions), tokenizer.pad_token_id)
             loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        return loss
+        return loss + drill_loss(model) if checks and cfg["JUDGE_DRILL_BATCH"] else loss
 
-    losses = train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
-                      cfg["WEIGHT_DECAY"], "judge")
+    def drill_loss(model):
+        drills = [drill_example(tokenizer, rng, cfg["DRILL_LINES"]) for _ in range(cfg["JUDGE_DRILL_BATCH"])]
+        ids, mask, labels = collate(drills, tokenizer.pad_token_id)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = []
+    if checks and cfg["JUDGE_DRILL_STEPS"]:
+        losses += train_lm(model, lambda model, step: drill_loss(model), cfg["JUDGE_DRILL_STEPS"], cfg["JUDGE_LR"],
+                           cfg["WARMUP_STEPS"], cfg["WEIGHT_DECAY"], "judge: arithmetic drills")
+    losses += train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
+                       cfg["WEIGHT_DECAY"], "judge")
     return model, losses, tokenizer
 
 

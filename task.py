@@ -10,7 +10,7 @@ import re
 from fractions import Fraction
 
 from data_utils import (MAX_OPS, MAX_START, MAX_VALUE, MIN_OPS, N_TEST, N_TRAIN, PRICE_PROB, SEED, answers_match,
-                        join_solution, split_steps, strip_calculator)
+                        join_solution, load_problems, split_steps, strip_calculator)
 
 # ----------------------------------------------------------------------------- safe arithmetic
 TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|(.))")
@@ -314,12 +314,61 @@ def generate_task(n_train=N_TRAIN, n_test=N_TEST, seed=SEED, **kw):
     return problems[n_test:], problems[:n_test]
 
 
-def check_text(gold_steps, k):
+def equation_text(step):
+    """The last equation of a step as 'lhs = value' ('34 + 12 = 46'), or 'none'."""
+    eqs = find_equations(step) if step is not None else []
+    return f"{eqs[-1][0]} = {fmt_number(eqs[-1][1])}" if eqs else "none"
+
+
+def check_text(gold_steps, k, step):
     """The check the bundled judge learns to write after step k of a solution: the computation the gold
-    solution makes at step k, recomputed (' 34 + 12 = 46'), or ' none' past its end. Written by this program
-    from the reference solution, for the judge's training data only; at judging time the judge writes it."""
-    eqs = find_equations(gold_steps[k]) if k < len(gold_steps) else []
-    if not eqs:
-        return " none\n"
-    lhs, value = eqs[-1]
-    return f" {lhs} = {fmt_number(value)}\n"
+    solution makes at step k, recomputed ('none' past its end), then the step's own equation beside it,
+    so that its answer compares the two: ' 34 + 12 = 46; step: 34 + 12 = 47'. Written by this program from
+    the reference solution, for the judge's training data only; at judging time the judge writes it."""
+    return f" {equation_text(gold_steps[k] if k < len(gold_steps) else None)}; step: {equation_text(step)}\n"
+
+
+def drill_equation(rng, max_value=MAX_VALUE):
+    """A random equation 'a op b = c' of the kinds the task's operations make (_story_op: adding up to 30 or a
+    group total, subtracting, a group total, doubling to quadrupling, dividing into 2-9 piles, pricing at
+    2-9 each), no quantity above max_value: an arithmetic drill for the bundled judge, whose checks make
+    these computations."""
+    kind = rng.choice(["add", "add_total", "sub", "groups", "mul", "div", "price"])
+    if kind in ("add", "add_total"):
+        n = rng.randint(2, 30) if kind == "add" else rng.randint(2, 6) * rng.randint(2, 10)
+        x = rng.randint(1, max_value - n)
+        return f"{x} + {n} = {x + n}"
+    if kind == "sub":
+        x = rng.randint(2, max_value)
+        n = rng.randint(1, x - 1)
+        return f"{x} - {n} = {x - n}"
+    if kind == "groups":
+        a, b = rng.randint(2, 6), rng.randint(2, 10)
+        return f"{a} * {b} = {a * b}"
+    if kind == "div":
+        d = rng.randint(2, 9)
+        q = rng.randint(1, max_value // d)
+        return f"{q * d} / {d} = {q}"
+    m = rng.randint(2, 4) if kind == "mul" else rng.randint(2, 9)
+    x = rng.randint(1, max_value // m)
+    return f"{x} * {m} = {x * m}"
+
+
+class OracleJudge:
+    """Not an LLM: the bundled task's programmatic reference labels (task.label_steps) as step scores
+    (1.0 right, 0.0 wrong), looked up by question in a problems file. The ceiling a judge can reach; used by
+    the experiments as a control (reward_model.make_judge's spec "oracle:data/train.jsonl")."""
+
+    def __init__(self, problems_file, template=""):
+        from models import fingerprint
+
+        self.answers = {p["question"]: p["answer"] for p in load_problems(problems_file)}
+        self.id, self.template = f"oracle:{problems_file}@{fingerprint(problems_file)}", template
+
+    def score(self, items):
+        out = []
+        for question, steps in items:
+            if question not in self.answers:
+                raise KeyError(f"oracle judge: question not in its problems file: {question[:80]!r}")
+            out.append({"scores": [float(ok) for ok in label_steps(self.answers[question], steps)], "raw": None})
+        return out

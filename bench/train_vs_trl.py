@@ -4,13 +4,19 @@
     python bench/train_vs_trl.py             # -> results/bench/train_vs_trl.json
 
 For each model (the bundled policy and a randomly initialised ~30M-parameter Llama-style model with the
-same tokenizer; speed does not depend on the weights) three runs, each in its own fresh process:
-- ours: `StepwiseDPOTrainer` in its defaults (precomputed reference, prefix-shared forward), DPO loss only;
-- trl_fastest: `trl.DPOTrainer` in fp32, no gradient checkpointing, `precompute_ref_log_probs=True`;
-- trl_default: `trl.DPOTrainer` with its own defaults (bf16, gradient checkpointing, reference forward).
-Same pairs, same order (sequential), batch size, learning rate, schedule, optimizer and epochs. The three
-runs repeat REPEATS times, interleaved, and each system's fastest run is reported (all runs are kept in
-the file): on a shared machine the speed of one run varies by 10-15%. TRL
+same tokenizer; speed does not depend on the weights) each system runs in each of its configurations, each
+run in its own fresh process:
+- ours_fp32: `StepwiseDPOTrainer` in its defaults (precomputed reference, prefix-shared forward), DPO loss;
+- ours_bf16: the same with bf16 autocast (`--BF16=true`);
+- trl_default: `trl.DPOTrainer` with its own defaults (bf16 autocast, gradient checkpointing, a reference
+  forward every step);
+- trl_fp32: fp32, no gradient checkpointing, a reference forward every step;
+- trl_fp32_precomputed: fp32, no gradient checkpointing, `precompute_ref_log_probs=True`;
+- trl_bf16_precomputed: bf16 autocast, no gradient checkpointing, `precompute_ref_log_probs=True`.
+Same pairs, same order (sequential), batch size, learning rate, schedule, optimizer and epochs. The runs
+repeat REPEATS times, interleaved, and each configuration's fastest run counts (all runs are kept in the
+file): on a shared machine the speed of one run varies by 10-15%. Each system's fastest configuration is
+named from these measurements, and ours is compared with TRL's fastest. TRL
 appends EOS to plain-text completions; ours gets the same text with EOS appended, through its own
 tokenization, and both runs assert that they score exactly the same token ids.
 
@@ -38,7 +44,7 @@ POLICY = "models/policy"
 PAIRS = "results/reference/judged/step_pairs.jsonl"   # Math-Step-DPO rows
 OUT_FILE = "results/bench/train_vs_trl.json"
 MODELS = ["bundled", "llama-30M"]
-SYSTEMS = ["ours", "trl_fastest", "trl_default"]
+SYSTEMS = ["ours_fp32", "ours_bf16", "trl_default", "trl_fp32", "trl_fp32_precomputed", "trl_bf16_precomputed"]
 N_PAIRS = {"bundled": 512, "llama-30M": 128}            # pairs cycled from PAIRS to this many
 BATCH = {"bundled": 32, "llama-30M": 16}
 EPOCHS = 1
@@ -122,14 +128,15 @@ def trl_trainer(cfg, name, model, tokenizer, system, out):
     from trl import DPOConfig, DPOTrainer
 
     extra = {"beta": cfg["BETA"], "loss_type": ["sigmoid"]}
-    if system == "trl_fastest":
-        extra |= {"bf16": False, "gradient_checkpointing": False, "precompute_ref_log_probs": True}
+    if system != "trl_default":
+        extra |= {"bf16": "bf16" in system, "gradient_checkpointing": False,
+                  "precompute_ref_log_probs": system.endswith("precomputed")}
     return DPOTrainer(model=model, args=training_args(cfg, name, out, DPOConfig, **extra),
                       train_dataset=datasets.Dataset.from_list(pair_texts(cfg, name, tokenizer)),
                       processing_class=tokenizer)
 
 
-def our_trainer(cfg, name, model, tokenizer, ids, out):
+def our_trainer(cfg, name, model, tokenizer, ids, out, bf16):
     """Ours from the Step-DPO rows through the training script's own tokenization (build_features), with
     EOS appended to the completion text as TRL does; checked to give exactly TRL's token ids."""
     from transformers import TrainingArguments
@@ -144,7 +151,7 @@ def our_trainer(cfg, name, model, tokenizer, ids, out):
         "our tokenization differs from TRL's"
     precompute_reference(model, features, cfg["BATCH"][name], tokenizer.pad_token_id, True)
     return StepwiseDPOTrainer(
-        model=model, args=training_args(cfg, name, out, TrainingArguments), train_dataset=PairDataset(features),
+        model=model, args=training_args(cfg, name, out, TrainingArguments, bf16=bf16), train_dataset=PairDataset(features),
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, True),
         dpo=DPOSettings(beta=cfg["BETA"], loss="sigmoid", nll_weight=0.0, dpop_lambda=0.0, prefix_sharing=True))
 
@@ -167,8 +174,8 @@ def run_one(cfg, name, system, ids_file):
         base = rss_mb("VmRSS")
         reset_peak_rss()
         t0 = time.perf_counter()
-        if system == "ours":
-            trainer = our_trainer(cfg, name, model, tokenizer, ids, out)
+        if system.startswith("ours"):
+            trainer = our_trainer(cfg, name, model, tokenizer, ids, out, system == "ours_bf16")
         else:
             trainer = trl_trainer(cfg, name, model, tokenizer, system, out)
             same = [{k: list(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
@@ -213,18 +220,20 @@ def main(argv):
                 results[name, system] = runs[-1]
     rows = []
     for name in cfg["MODELS"]:
-        ours, fast, default = (results[name, s] for s in ("ours", "trl_fastest", "trl_default"))
-        rows.append({"model": name, "ours_pairs_per_s": round(ours["pairs_per_s"], 1),
-                     "trl_fastest_pairs_per_s": round(fast["pairs_per_s"], 1),
-                     "trl_default_pairs_per_s": round(default["pairs_per_s"], 1),
-                     "speedup_vs_fastest": round(ours["pairs_per_s"] / fast["pairs_per_s"], 2),
-                     "speedup_vs_default": round(ours["pairs_per_s"] / default["pairs_per_s"], 2),
-                     "ours_peak_mb": round(ours["peak_mb"], 1), "trl_fastest_peak_mb": round(fast["peak_mb"], 1),
-                     "trl_default_peak_mb": round(default["peak_mb"], 1),
-                     "loss_step0_abs_diff": abs(ours["loss"][0] - fast["loss"][0]),
-                     "loss_first_steps_max_abs_diff": max(abs(a - b) for a, b in zip(ours["loss"], fast["loss"])),
-                     "logps_step0_max_abs_diff": max(abs(ours[k] - fast[k]) for k in
-                                                     ("logps_chosen_step0", "logps_rejected_step0"))})
+        best = {side: max((results[name, s] for s in cfg["SYSTEMS"] if s.startswith(side)),
+                          key=lambda r: r["pairs_per_s"]) for side in ("ours", "trl")}
+        ours, trl = best["ours"], best["trl"]
+        ours_fp32, trl_fp32 = results[name, "ours_fp32"], results[name, "trl_fp32_precomputed"]
+        rows.append({"model": name, "ours_fastest": ours["system"], "trl_fastest": trl["system"],
+                     **{f"{s}_pairs_per_s": round(results[name, s]["pairs_per_s"], 1) for s in cfg["SYSTEMS"]},
+                     "speedup_fastest_vs_fastest": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
+                     "speedup_fp32_vs_fp32": round(ours_fp32["pairs_per_s"] / trl_fp32["pairs_per_s"], 2),
+                     "ours_fastest_peak_mb": round(ours["peak_mb"], 1), "trl_fastest_peak_mb": round(trl["peak_mb"], 1),
+                     "loss_step0_abs_diff_fp32": abs(ours_fp32["loss"][0] - trl_fp32["loss"][0]),
+                     "loss_first_steps_max_abs_diff_fp32": max(abs(a - b) for a, b in zip(ours_fp32["loss"],
+                                                                                           trl_fp32["loss"])),
+                     "logps_step0_max_abs_diff_fp32": max(abs(ours_fp32[k] - trl_fp32[k]) for k in
+                                                          ("logps_chosen_step0", "logps_rejected_step0"))})
         print_json(rows[-1])
     atomic_write_json(cfg["OUT_FILE"], {
         "rows": rows, "runs": runs, "repeats": cfg["REPEATS"], "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -88,7 +88,7 @@ def check_judge(tiny_tokenizer):
         gold, final = split_steps(p["answer"], strip_calc=True)
         steps = corrupt_solution(gold, final, rng, p["question"])[0] if rng.random() < 0.5 else gold
         examples.append(sft.check_example(tok, p["question"], steps, label_steps(p["answer"], steps),
-                                          [check_text(gold, k) for k in range(len(steps))]))
+                                          [check_text(gold, k, s) for k, s in enumerate(steps)]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(200):
         ids, mask, labels = sft.collate(rng.sample(examples, 8), tok.pad_token_id)
@@ -230,7 +230,7 @@ def test_oracle_judge_scores_are_the_reference_labels(tmp_path):
     out = judge.score([(problem["question"], good), (problem["question"], bad)])
     assert [o["scores"] for o in out] == [[1.0, 1.0], [1.0, 0.0]]
     assert out[1]["scores"] == [float(x) for x in label_steps(problem["answer"], bad)]
-    with pytest.raises(rm.JudgeError, match="not in its problems file"):
+    with pytest.raises(KeyError, match="not in its problems file"):
         judge.score([("another question", good)])
 
 
