@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from prompts import FINAL_MARK, encode, left_pad, truncate_solution
+from prompts import answer_finished, encode, left_pad, truncate_solution
 
 # ----------------------------------------------------------------------------- loading
 
@@ -206,10 +206,9 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
                 next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
                 generated[:, t] = next_ids
                 done |= next_ids == eos
-                if t % 16 == 15:  # a solution also ends at its final-answer line, whatever follows it
+                if t % 16 == 15:  # a solution also ends at its final answer, whatever follows it
                     texts = tokenizer.batch_decode(generated[:, : t + 1], skip_special_tokens=True)
-                    done |= torch.tensor(["\n" in s[s.find(FINAL_MARK):] if FINAL_MARK in s else False
-                                          for s in texts])
+                    done |= torch.tensor([answer_finished(s) for s in texts])
                 if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)

@@ -8,10 +8,11 @@ continuation that reaches the correct final answer (chosen_continuation).
 import math
 import os
 
-from data_utils import answers_match, join_solution, load_problems, read_jsonl, split_steps
+from data_utils import answers_match, join_solution, load_problems, split_steps
 from task import arithmetic_slip, label_steps
 from metrics import auroc
 from prompts import step_text
+from sources import read_jsonl
 
 # ----------------------------------------------------------------------------- step scores
 

@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from conftest import GSM8K_DIR, ROOT
-from data_utils import (DataError, answers_match, extract_answer, join_solution, load_problems, split_steps,
-                        strip_calculator, to_step_rows)
+from data_utils import (answers_match, extract_answer, join_solution, load_problems, split_steps, strip_calculator,
+                        to_step_rows)
+from sources import DataError
 
 GOOD = {"question": "Tom has 3 apples. He finds 2 more. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}
 
@@ -42,7 +43,7 @@ def test_validate_reports_each_bad_row(tmp_path):
         f"{path}:5: field 'question' is missing",
         f"{path}:6: field 'question' is empty",
         f"{path}:7: field 'question' must be a string, got int",
-        f"{path}:8: field 'answer' has no final line '#### <answer>'",
+        f"{path}:8: field 'answer' has no final line '#### <answer>' and no \\boxed{{<answer>}}",
         f"{path}:9: bytes at offset 17 are not valid UTF-8",
     ]
     assert summary["rows"] == 10 and summary["valid"] == 2 and summary["invalid"] == 8

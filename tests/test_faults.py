@@ -26,7 +26,7 @@ from common import DiskCache, chunked_cached
 from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, ROOT, FakeServer, discover_scripts, files_under,
                       import_script, kill_when, prompt_score, repo_sources, run_script, train_args, training_rows,
                       unsafe_uses)
-from data_utils import DataError
+from sources import DataError
 from prompts import ANSWER_CUE, check_answer, check_head, check_step, judge_segments
 
 KILL_SEED = 8

@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 import batching as B
 import train_stepwise_dpo as T
 from conftest import FULL_ROWS, ROOT, STEP_ROWS, naive_logp, run_script, train_args, training_rows
-from data_utils import DataError
+from sources import DataError
 from models import load_model
 from prompts import encode, policy_prompt
 
