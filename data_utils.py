@@ -67,6 +67,67 @@ def load_problems(spec):
     return read_rows(spec, problem_row_errors, "problems")
 
 
+def benchmark_row_errors(obj):
+    """Reasons a parsed row is not a ProcessBench row {problem, steps, label}, each naming the field."""
+    if not isinstance(obj.get("problem"), str) or not obj["problem"].strip():
+        return ["field 'problem' must be a non-empty string"]
+    steps = obj.get("steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(x, str) for x in steps):
+        return ["field 'steps' must be a non-empty list of strings"]
+    label = obj.get("label")
+    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+        return [f"field 'label' must be -1 or the index of a step (0..{len(steps) - 1}), got {json.dumps(label)}"]
+    return []
+
+
+def load_benchmark(spec):
+    """ProcessBench-format rows (Zheng et al. 2024, arXiv 2412.06559): `label` is the index of the first wrong
+    step, -1 when every step is right. From any source (sources.py), validated."""
+    return read_rows(spec, benchmark_row_errors, "benchmark")
+
+
+STEP_KEYS = ("prompt", "initial_reason_steps", "chosen", "rejected")
+FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "rejected_step_scores", "answer")
+PLAIN_KEYS = ("prompt", "chosen", "rejected")  # TRL's preference shape, whole solutions (outcome only)
+
+
+def _is_score(s):
+    return s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1)
+
+
+FIELD_CHECKS = {  # kind -> (test, what the message says it must be)
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "scores": (lambda v: isinstance(v, list) and all(map(_is_score, v)), "a list of scores in [0, 1] or null"),
+}
+
+
+def load_pairs(path, mode):
+    """Rows of a pairs source, checked for the fields `mode` needs (file, line or row, and field named on
+    error). `outcome` also takes TRL's plain preference rows {prompt, chosen, rejected}."""
+    kinds = dict.fromkeys(STEP_KEYS, "string") if mode == "step" else dict(zip(FULL_KEYS, (
+        "string", "strings", "strings", "scores", "scores", "string")))
+
+    def pair_errors(row):
+        if mode == "outcome" and "chosen_steps" not in row and set(PLAIN_KEYS) <= set(row):
+            bad = [k for k in PLAIN_KEYS if not isinstance(row[k], str)]
+            return [f"field '{bad[0]}' must be a string, got {json.dumps(row[bad[0]])[:40]}"] if bad else []
+        missing = [k for k in kinds if k not in row]
+        if missing:
+            hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
+            return [f"field '{missing[0]}' is missing{hint}"]
+        for key, kind in kinds.items():
+            ok, what = FIELD_CHECKS[kind]
+            if not ok(row[key]):
+                return [f"field '{key}' must be {what}, got {json.dumps(row[key])[:40]}"]
+        if mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
+                               or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
+            return ["field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"]
+        return []
+
+    return read_rows(path, pair_errors, "pairs")
+
+
 def validate_file(path, out=sys.stdout, delimiter="newline"):
     """Print `FILE:LINE: reason` (`SOURCE[i]: reason` for a table) per bad row, then a JSON summary line.
     Returns the summary dict."""
