@@ -169,12 +169,13 @@ def run_processbench(cfg, argv):
     cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
     report = {name: processbench_eval(judge, cache, split, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
               for name, split in splits.items()}
-    summary = {"mean_f1": sum(r["f1"] for r in report.values()) / len(report), "splits": report, "judge": judge.id,
+    f1s = [r["f1"] for r in report.values() if r["f1"] is not None]
+    summary = {"mean_f1": sum(f1s) / len(f1s) if f1s else None, "splits": report, "judge": judge.id,
                "threshold": cfg["THRESHOLD"], "command": command_line(__file__, argv)}
     atomic_write_json(os.path.join(cfg["OUT_DIR"], "config.json"), cfg | {"command": command_line(__file__, argv)})
     atomic_write_json(os.path.join(cfg["OUT_DIR"], "processbench.json"), summary)
-    print_json({"judge": judge.id} | {name: round(r["f1"], 4) for name, r in report.items()}
-               | {"out": cfg["OUT_DIR"]})
+    f1 = {name: None if r["f1"] is None else round(r["f1"], 4) for name, r in report.items()}
+    print_json({"judge": judge.id} | f1 | {"out": cfg["OUT_DIR"]})
     return summary
 
 

@@ -72,12 +72,14 @@ def spearman(a, b):
 
 def processbench_f1(predicted, reference):
     """ProcessBench (Zheng et al. 2024, arXiv 2412.06559): first-error indices (-1 = no error); accuracy on
-    erroneous and on correct solutions, and their harmonic mean."""
+    erroneous and on correct solutions, and their harmonic mean. A kind of solution the data lacks has no
+    accuracy (None), and then there is no F1 either (None), rather than a made-up 0."""
     err = [p == r for p, r in zip(predicted, reference) if r != -1]
     ok = [p == r for p, r in zip(predicted, reference) if r == -1]
-    acc_err = sum(err) / len(err) if err else 0.0
-    acc_ok = sum(ok) / len(ok) if ok else 0.0
-    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0
+    acc_err = sum(err) / len(err) if err else None
+    acc_ok = sum(ok) / len(ok) if ok else None
+    f1 = None if acc_err is None or acc_ok is None else (
+        2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0)
     return {"f1": f1, "acc_erroneous": acc_err, "acc_correct": acc_ok, "n_erroneous": len(err),
             "n_correct": len(ok)}
 

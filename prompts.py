@@ -17,7 +17,7 @@ POLICY_INSTRUCTIONS = {  # ANSWER_STYLE -> the instruction a chat-template polic
     "gsm8k": ("Solve the problem step by step. Write one step per line and end with a line "
               f"'{FINAL_MARK} <answer>'.\n\n{{question}}"),
     "boxed": ("Solve the problem step by step. Write one step per line and put the final answer in "
-              "\\boxed{{}}.\n\n{{question}}"),
+              "\\boxed{{}}.\n\n{question}"),
 }
 POLICY_INSTRUCTION = POLICY_INSTRUCTIONS["gsm8k"]
 
