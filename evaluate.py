@@ -21,7 +21,7 @@ import time
 from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, command_line, config_from_argv,
                     print_json)
 from data_utils import answers_match, extract_answer, load_benchmark, load_problems, split_steps
-from sources import HUB_PREFIX, parse_hub_spec
+from sources import source_name
 from task import label_steps
 from metrics import auroc, first_error_auroc, majority_answer, pass_at_k, processbench_f1
 from models import default_device, load_model, sample
@@ -156,14 +156,9 @@ def processbench_eval(judge, cache, rows, threshold, chunk):
         "n": len(rows), "unparseable": sum(x is None for r in results for x in r["scores"])}
 
 
-def split_name(spec):
-    """A ProcessBench split's name in the report: the split of a hf: spec, else the file name's stem."""
-    return parse_hub_spec(spec)[3] if spec.startswith(HUB_PREFIX) else os.path.splitext(os.path.basename(spec))[0]
-
-
 def run_processbench(cfg, argv):
     """evaluate.py with PROCESSBENCH: the judge alone on every split; writes OUT_DIR/processbench.json."""
-    splits = {split_name(spec): load_benchmark(spec) for spec in cfg["PROCESSBENCH"].split(",") if spec}
+    splits = {source_name(spec): load_benchmark(spec) for spec in cfg["PROCESSBENCH"].split(",") if spec}
     rows = [r for split in splits.values() for r in split]
     judge = ReferenceLabels(rows) if cfg["JUDGE"] == "labels" else make_judge(cfg["JUDGE"], cfg)
     cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))

@@ -112,6 +112,12 @@ def load_hub_dataset(spec, timeout=HUB_TIMEOUT):
 # ----------------------------------------------------------------------------- every source
 
 
+def source_name(spec):
+    """A short name for a source in a report: the split of a hf: spec, else the file name without extension."""
+    spec = str(spec)
+    return parse_hub_spec(spec)[3] if spec.startswith(HUB_PREFIX) else os.path.splitext(os.path.basename(spec))[0]
+
+
 def iter_rows(spec, kind=None):
     """Yield (where, obj_or_None, reason_or_None) per row of any source, fields mapped for `kind` (problems,
     pairs, benchmark). `where` is FILE:LINE for JSONL, FILE[i] / SPEC[i] (0-based row index) otherwise."""

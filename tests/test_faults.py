@@ -435,6 +435,7 @@ def test_weights_are_saved_and_loaded_only_as_safetensors(train_setup, tiny_toke
     for folder in folders:
         names = set(os.listdir(folder))
         assert "model.safetensors" in names and not names & {"pytorch_model.bin", "model.pt", "model.bin"}
+        assert "training_args.json" in names and "training_args.bin" not in names  # the Trainer's pickle, as JSON
     from transformers.trainer_pt_utils import safe_globals
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):  # the Trainer's own state, loaded as on resume:
         with safe_globals():                                           # tensors and numpy arrays only
