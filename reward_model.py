@@ -244,7 +244,7 @@ class LocalCheckJudge(LocalJudge):
 
 
 class HTTPJudge(CompletionsClient):
-    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server, hosted APIs) as judge: one
+    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server) as judge: one
     token, temperature 0, top log-probabilities. The prompt is rendered here (with `tokenizer`'s chat
     template when given) and sent raw, so that a server scores the same text a local judge would."""
 
