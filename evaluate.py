@@ -138,7 +138,7 @@ class ReferenceLabels:
 
     def __init__(self, rows):
         self.labels = {cache_key(r["problem"], r["steps"]): r["label"] for r in rows}
-        self.id, self.template = "labels", "labels"
+        self.id, self.template = f"labels@{cache_key(sorted(self.labels.items()))[:16]}", "labels"
 
     def score(self, items):
         labels = [self.labels[cache_key(q, steps)] for q, steps in items]

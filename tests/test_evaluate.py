@@ -70,7 +70,7 @@ def test_processbench_with_reference_labels_and_an_always_yes_judge(tmp_path):
     assert (gsm8k["n_erroneous"], gsm8k["n_correct"], gsm8k["n"]) == (207, 193, 400)
     # the math slice holds no correct solution: no accuracy on correct ones, so no F1 (not a made-up number)
     assert (math["f1"], math["acc_erroneous"], math["acc_correct"], math["n_correct"]) == (None, 1.0, None, 0)
-    assert labels["mean_f1"] == 1.0
+    assert labels["mean_f1"] == 1.0 and labels["judge"].startswith("labels@")
     assert json.loads((tmp_path / "labels" / "processbench.json").read_text())["splits"]["gsm8k"]["f1"] == 1.0
     with FakeServer(score=lambda prompt: 0.99) as server:   # a served judge that accepts every step
         yes = evaluate.main([*common, f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=yes",
