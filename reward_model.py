@@ -25,7 +25,7 @@ import time
 
 from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, chunked_cached, command_line,
                     config_from_argv, print_json)
-from data_utils import PAIRS_POOL, load_problems, split_steps, step_separator
+from data_utils import PAIRS_POOL, load_problems, split_steps
 from task import label_steps
 from models import (CompletionsClient, Rows, ServerError, _pick_tokens, default_device, fingerprint, load_model,
                     load_tokenizer, logits_at, make_policy)
@@ -438,24 +438,23 @@ def main(argv):
     gold = [split_steps(p["answer"])[1] for p in problems]
     questions = [p["question"] for p in problems]
     prompts = [policy_prompt(tokenizer, q, cfg["ANSWER_STYLE"]) for q in questions]
-    delimiter, sep = cfg["STEP_DELIMITER"], step_separator(cfg["STEP_DELIMITER"])
     seeds = [cfg["SEED"] * 1_000_000 + cfg["FIRST_PROBLEM"] + i for i in range(len(problems))]
 
     # 1-2. sample and judge
     texts, n_sampled = sample_solutions(policy, samples_cache, prompts, seeds, cfg["K"], cfg)
-    solutions = [[parse_solution(t, g, delimiter=delimiter) for t in row] for row, g in zip(texts, gold)]
+    solutions = [[parse_solution(t, g, delimiter=cfg["STEP_DELIMITER"]) for t in row] for row, g in zip(texts, gold)]
     flat = [s for row in solutions for s in row]
     n_scored = judge_solutions(judge, scores_cache, [q for q, row in zip(questions, solutions) for _ in row], flat,
                                cfg["CHUNK"])
 
     # 3. step pairs, with self-rectification for the rejected steps no other sample answers
     def rectify(unmatched):
-        r_prompts = [prompts[i] + step_text(prefix, sep) for i, prefix, _, _ in unmatched]
+        r_prompts = [prompts[i] + step_text(prefix, bad["sep"]) for i, prefix, bad, _ in unmatched]
         r_seeds = [seeds[i] * 1000 + 7 * e + 1 for i, _, _, e in unmatched]
         r_texts, computed["rectify_samples"] = sample_solutions(policy, samples_cache, r_prompts, r_seeds,
                                                               cfg["RECTIFY_SAMPLES"], cfg, desc="rectifying")
-        r_solutions = [[parse_solution(step_text(prefix, sep) + t, gold[i], delimiter=delimiter) for t in row]
-                       for (i, prefix, _, _), row in zip(unmatched, r_texts)]
+        r_solutions = [[parse_solution(step_text(prefix, bad["sep"]) + t, gold[i], delimiter=cfg["STEP_DELIMITER"])
+                        for t in row] for (i, prefix, bad, _), row in zip(unmatched, r_texts)]
         computed["rectify_scored"] = judge_solutions(judge, scores_cache, [questions[i] for (i, *_), row in zip(
             unmatched, r_solutions) for _ in row], [s for row in r_solutions for s in row], cfg["CHUNK"])
         return r_solutions
