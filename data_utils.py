@@ -1,10 +1,13 @@
-"""GSM8K-format data: loading and validation, the problem split, step splitting, answer grading.
+"""Problems, pairs and judge benchmarks: validation, the problem split, step splitting, answer grading.
 
-    python data_utils.py --validate FILE      # one line per bad row, then a JSON summary; exit 1 if any
+    python data_utils.py --validate SOURCE    # one line per bad row, then a JSON summary; exit 1 if any
     python data_utils.py --generate           # (re)write data/train.jsonl and data/test.jsonl
     python data_utils.py                      # data/{train,test}.jsonl -> data/{train,test}_steps.jsonl
 
-Input rows are GSM8K's `{"question", "answer"}`: one reasoning step per line, then `#### <final>`.
+Problem rows are GSM8K's `{"question", "answer"}` (MATH's `{problem, solution}` are mapped onto them): the
+reasoning steps, then a final answer, a `#### <final>` line or `\\boxed{<final>}`. A SOURCE is a JSONL, JSON
+or parquet file or a Hub dataset `hf:REPO:CONFIG:SPLIT` (sources.py). Pairs files are Math-Step-DPO-10K rows,
+whole-solution rows with judged step scores, or TRL preference rows; benchmarks are ProcessBench rows.
 Step files use TRL's stepwise-supervision shape `{"prompt", "completions", "labels"}`.
 
 The bundled task (--generate), its reference step labels and corrupted solutions are in task.py.
