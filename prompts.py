@@ -63,8 +63,8 @@ BOXED_TAIL_RE = re.compile(r"[ \t]*(?:\$\$|\$|\\\]|\\\))?[ \t]*[.!]?")
 
 def answer_end(text):
     """Where the final answer of generated text ends, or None while it has not: after the newline that closes
-    the first line that starts with '#### x', or after the first closed \\boxed{...} with the math delimiter and full stop that
-    directly follow it ('$\\boxed{5}$.')."""
+    the first line that starts with '#### x', or after the first closed \\boxed{...} with the math delimiter
+    and full stop that directly follow it ('$\\boxed{5}$.')."""
     ends = [m.end() - 1 for m in FINAL_LINE_RE.finditer(text)][:1]
     spans = boxed_spans(text)
     if spans:

@@ -61,7 +61,7 @@ def parse_json_object(text):
 def map_fields(obj, kind):
     """`obj` with its source field names renamed to the repo's (FIELD_MAPS[kind]); other fields kept."""
     for needs, rename in FIELD_MAPS.get(kind, []):
-        if needs <= set(obj) and not set(rename) <= set(obj) - set(rename.values()):
+        if needs <= set(obj) and not set(rename) <= set(obj):  # a row with the repo's names keeps them
             return {k: v for k, v in obj.items() if k not in rename.values()} | {
                 new: obj[old] for new, old in rename.items()}
     return obj

@@ -76,8 +76,8 @@ SEED = 0
 THREADS = 2
 DTYPE = "float32"
 TRUST_REMOTE_CODE = False
-TRAINER_ARGS = {}                 # TrainingArguments fields over the ones set here, as JSON: {"report_to": ["tensorboard"],
-                                  # "optim": "adamw_torch_fused", "push_to_hub": true, "eval_strategy": "steps", ...}
+TRAINER_ARGS = {}                 # TrainingArguments fields over the ones set here, as JSON: {"report_to":
+                                  # ["tensorboard"], "optim": "adamw_torch_fused", "push_to_hub": true, ...}
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
 

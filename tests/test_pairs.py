@@ -153,7 +153,8 @@ def test_a_boxed_policy_gets_pairs_and_the_same_grades_as_evaluation(boxed_polic
     assert len(texts) == len(judged) == 48
     # every sample stopped at its boxed answer, and was graded as evaluate.py grades it
     assert sum(answer_end(t) == len(t) and t.endswith("}") and "\\boxed{" in t for t in texts) >= 30
-    assert [answers_match(extract_answer(t), r["answer"]) for t, r in zip(texts, judged)] == [r["correct"] for r in judged]
+    graded = [answers_match(extract_answer(t), r["answer"]) for t, r in zip(texts, judged)]
+    assert graded == [r["correct"] for r in judged]
     assert 0 < sum(r["correct"] for r in judged) < 48 and all(r["final"] for r in judged if r["correct"])
     counts = json.loads((tmp_path / "out" / "counts.json").read_text())
     pairs = [json.loads(x) for x in (tmp_path / "out" / "step_pairs.jsonl").read_text().splitlines()]
