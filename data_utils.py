@@ -1,10 +1,13 @@
-"""GSM8K-format data: loading and validation, the problem split, step splitting, answer grading.
+"""Problems, pairs and judge benchmarks: validation, the problem split, step splitting, answer grading.
 
-    python data_utils.py --validate FILE      # one line per bad row, then a JSON summary; exit 1 if any
+    python data_utils.py --validate SOURCE    # one line per bad row, then a JSON summary; exit 1 if any
     python data_utils.py --generate           # (re)write data/train.jsonl and data/test.jsonl
     python data_utils.py                      # data/{train,test}.jsonl -> data/{train,test}_steps.jsonl
 
-Input rows are GSM8K's `{"question", "answer"}`: one reasoning step per line, then `#### <final>`.
+Problem rows are GSM8K's `{"question", "answer"}` (MATH's `{problem, solution}` are mapped onto them): the
+reasoning steps, then a final answer, a `#### <final>` line or `\\boxed{<final>}`. A SOURCE is a JSONL, JSON
+or parquet file or a Hub dataset `hf:REPO:CONFIG:SPLIT` (sources.py). Pairs files are Math-Step-DPO-10K rows,
+whole-solution rows with judged step scores, or TRL preference rows; benchmarks are ProcessBench rows.
 Step files use TRL's stepwise-supervision shape `{"prompt", "completions", "labels"}`.
 
 The bundled task (--generate), its reference step labels and corrupted solutions are in task.py.
@@ -12,10 +15,12 @@ The bundled task (--generate), its reference step labels and corrupted solutions
 import json
 import re
 import sys
+import threading
 from fractions import Fraction
 
 from common import atomic_write_jsonl, config_from_argv, print_json
-from prompts import FINAL_MARK
+from prompts import FINAL_MARK, boxed_spans
+from sources import iter_checked_rows, read_rows
 
 # ----------------------------------------------------------------------------- tunables
 # files
@@ -31,7 +36,8 @@ MAX_START = 40            # the starting quantity is drawn from [10, MAX_START]
 MAX_VALUE = 200           # no quantity in a solution exceeds this
 PRICE_PROB = 0.35         # chance the story ends by pricing the items (one more multiplication step)
 # step files
-STEP_DELIMITER = "\n"     # how the answer separates steps ("\n" for GSM8K)
+STEP_DELIMITER = "newline"  # how solutions separate steps: newline (GSM8K) | blank_line | step ('Step k:' lines)
+                            # | markdown_step ('## Step k:' blocks) | any other text, split on literally
 STRIP_CALCULATOR = True   # drop GSM8K's <<a*b=c>> annotations from the step text
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
@@ -41,38 +47,6 @@ PAIRS_POOL = (4000, 6000)  # reached only through the policy's own samples and t
                            # here (reward_model.py, experiments.py), and the judge never learns from them
 
 # ----------------------------------------------------------------------------- loading and validation
-
-
-class DataError(ValueError):
-    """A bad row, with the file and line it came from in the message."""
-
-
-def iter_jsonl_lines(path):
-    """Yield (line_number, text_or_None, error) for each non-blank line. Reads bytes so that a line that is
-    not UTF-8 is reported on its own instead of failing the whole file; strips a BOM and CR."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, None, f"bytes at offset {e.start} are not valid UTF-8"
-                continue
-            text = text.rstrip("\r\n")
-            if text.strip():
-                yield lineno, text, None
-
-
-def parse_json_object(text):
-    """(obj, None) or (None, reason). Trailing garbage after the object is an error, as json.loads says."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, f"row is a JSON {type(obj).__name__}, expected an object"
-    return obj, None
 
 
 def problem_row_errors(obj):
@@ -85,52 +59,89 @@ def problem_row_errors(obj):
             errors.append(f"field '{field}' must be a string, got {type(obj[field]).__name__}")
         elif not obj[field].strip():
             errors.append(f"field '{field}' is empty")
-    if not errors:
-        lines = [ln for ln in obj["answer"].replace("\r\n", "\n").split("\n") if ln.strip()]
-        if not lines or not lines[-1].strip().startswith(FINAL_MARK) or not lines[-1].strip()[len(FINAL_MARK):].strip():
-            errors.append(f"field 'answer' has no final line '{FINAL_MARK} <answer>'")
+    if not errors and not split_steps(obj["answer"])[1]:
+        errors.append(f"field 'answer' has no final line '{FINAL_MARK} <answer>' and no \\boxed{{<answer>}}")
     return errors
 
 
-def iter_checked_rows(path, row_errors=None):
-    """Yield (line_number, obj, reason) per non-blank line: reason is None for a good row, else why it is
-    bad (not UTF-8, not a JSON object, or what `row_errors(obj) -> [reason]` finds)."""
-    for lineno, text, err in iter_jsonl_lines(path):
-        obj = None
-        if err is None:
-            obj, err = parse_json_object(text)
-        if err is None and row_errors is not None:
-            errs = row_errors(obj)
-            err = "; ".join(errs) if errs else None
-        yield lineno, obj, err
+def load_problems(spec):
+    """Problems from any source (sources.py: a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT), with
+    MATH's fields mapped onto GSM8K's, validated."""
+    return read_rows(spec, problem_row_errors, "problems")
 
 
-def read_jsonl(path, row_errors=None):
-    """All rows of a JSONL file as dicts. Raises DataError naming file, line and field on the first bad row.
-    `row_errors(obj) -> [reason]` adds a schema check."""
-    rows = []
-    for lineno, obj, err in iter_checked_rows(path, row_errors):
-        if err is not None:
-            raise DataError(f"{path}:{lineno}: {err}")
-        rows.append(obj)
-    return rows
+def benchmark_row_errors(obj):
+    """Reasons a parsed row is not a ProcessBench row {problem, steps, label}, each naming the field."""
+    if not isinstance(obj.get("problem"), str) or not obj["problem"].strip():
+        return ["field 'problem' must be a non-empty string"]
+    steps = obj.get("steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(x, str) for x in steps):
+        return ["field 'steps' must be a non-empty list of strings"]
+    label = obj.get("label")
+    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+        return [f"field 'label' must be -1 or the index of a step (0..{len(steps) - 1}), got {json.dumps(label)}"]
+    return []
 
 
-def load_problems(path):
-    """GSM8K-format problems, validated."""
-    return read_jsonl(path, problem_row_errors)
+def load_benchmark(spec):
+    """ProcessBench-format rows (Zheng et al. 2024, arXiv 2412.06559): `label` is the index of the first wrong
+    step, -1 when every step is right. From any source (sources.py), validated."""
+    return read_rows(spec, benchmark_row_errors, "benchmark")
 
 
-def validate_file(path, out=sys.stdout):
-    """Print `FILE:LINE: reason` per bad row, then a JSON summary line. Returns the summary dict."""
+STEP_KEYS = ("prompt", "initial_reason_steps", "chosen", "rejected")
+FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "rejected_step_scores", "answer")
+PLAIN_KEYS = ("prompt", "chosen", "rejected")  # TRL's preference shape, whole solutions (outcome only)
+
+
+def _is_score(s):
+    return s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1)
+
+
+FIELD_CHECKS = {  # kind -> (test, what the message says it must be)
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "scores": (lambda v: isinstance(v, list) and all(map(_is_score, v)), "a list of scores in [0, 1] or null"),
+}
+
+
+def load_pairs(path, mode):
+    """Rows of a pairs source, checked for the fields `mode` needs (file, line or row, and field named on
+    error). `outcome` also takes TRL's plain preference rows {prompt, chosen, rejected}."""
+    kinds = dict.fromkeys(STEP_KEYS, "string") if mode == "step" else dict(zip(FULL_KEYS, (
+        "string", "strings", "strings", "scores", "scores", "string")))
+
+    def pair_errors(row):
+        if mode == "outcome" and "chosen_steps" not in row and set(PLAIN_KEYS) <= set(row):
+            bad = [k for k in PLAIN_KEYS if not isinstance(row[k], str)]
+            return [f"field '{bad[0]}' must be a string, got {json.dumps(row[bad[0]])[:40]}"] if bad else []
+        missing = [k for k in kinds if k not in row]
+        if missing:
+            hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
+            return [f"field '{missing[0]}' is missing{hint}"]
+        for key, kind in kinds.items():
+            ok, what = FIELD_CHECKS[kind]
+            if not ok(row[key]):
+                return [f"field '{key}' must be {what}, got {json.dumps(row[key])[:40]}"]
+        if mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
+                               or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
+            return ["field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"]
+        return []
+
+    return read_rows(path, pair_errors, "pairs")
+
+
+def validate_file(path, out=sys.stdout, delimiter="newline"):
+    """Print `FILE:LINE: reason` (`SOURCE[i]: reason` for a table) per bad row, then a JSON summary line.
+    Returns the summary dict."""
     n_rows, n_bad, step_counts = 0, 0, []
-    for lineno, obj, err in iter_checked_rows(path, problem_row_errors):
+    for where, obj, err in iter_checked_rows(path, problem_row_errors, "problems"):
         n_rows += 1
         if err is not None:
             n_bad += 1
-            print(f"{path}:{lineno}: {err}", file=out)
+            print(f"{where}: {err}", file=out)
             continue
-        step_counts.append(len(split_steps(obj["answer"])[0]))
+        step_counts.append(len(split_steps(obj["answer"], delimiter)[0]))
     summary = {
         "file": str(path), "rows": n_rows, "valid": n_rows - n_bad, "invalid": n_bad,
         "steps_min": min(step_counts) if step_counts else None,
@@ -143,7 +154,7 @@ def validate_file(path, out=sys.stdout):
 
 # ----------------------------------------------------------------------------- steps
 CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
-STEP_MARKER_RE = re.compile(r"(?:^|\s)Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
+STEP_MARKER_RE = re.compile(r"(?:^|\s)(?:#+[ \t]*)?Step\s*\d+\s*[:.]\s*", re.IGNORECASE)
 
 
 def strip_calculator(text):
@@ -151,12 +162,29 @@ def strip_calculator(text):
     return CALCULATOR_RE.sub("", text)
 
 
-def split_steps(answer, delimiter="\n", strip_calc=False):
+# name -> (pattern that splits a solution into steps, text that joins steps back as the policy writes them)
+STEP_DELIMITERS = {
+    "newline": (r"\n", "\n"),
+    "blank_line": (r"\n[ \t]*\n", "\n\n"),
+    "step": (r"\n(?=[ \t]*Step\s*\d+\s*[:.])", "\n"),              # before each line 'Step k: ...'
+    "markdown_step": (r"\n(?=[ \t]*#+[ \t]*Step\s*\d+)", "\n\n"),   # before each block '## Step k: ...'
+}
+
+
+def step_separator(delimiter):
+    """The text that joins steps split on `delimiter` back into a solution (prompts.step_text's `sep`)."""
+    return STEP_DELIMITERS[delimiter][1] if delimiter in STEP_DELIMITERS else delimiter
+
+
+def split_steps(answer, delimiter="newline", strip_calc=False):
     """Solution text -> (steps, final_answer_or_None).
 
-    The final answer is the text after the last '####' line, if any. Steps are the non-empty pieces before
-    it, split on `delimiter`; when the text uses 'Step 1: ... Step 2: ...' markers, those split it instead
-    (and the markers are dropped). Step text is otherwise kept as written."""
+    The final answer is the text after the last '####' line (the line is then dropped), else what
+    extract_answer finds (the last \\boxed{}, which stays in its step). Steps are the non-empty pieces
+    before it, split on `delimiter`: a STEP_DELIMITERS name (the 'Step k:' markers of `step` and
+    `markdown_step` stay in the step text, so joining with step_separator rebuilds the solution) or any
+    other text, split on literally. With `newline`, a text that uses 'Step 1: ... Step 2: ...' markers is
+    split on them instead (and the markers are dropped). Step text is otherwise kept as written."""
     text = answer.replace("\r\n", "\n")
     final = None
     lines = text.split("\n")
@@ -165,8 +193,13 @@ def split_steps(answer, delimiter="\n", strip_calc=False):
             final = lines[i].strip()[len(FINAL_MARK):].strip()
             text = "\n".join(lines[:i])
             break
-    if len(STEP_MARKER_RE.findall(text)) >= 2 or STEP_MARKER_RE.match(text.lstrip()):
+    else:
+        final = extract_answer(text)
+    delimiter = "newline" if delimiter == "\n" else delimiter
+    if delimiter == "newline" and (len(STEP_MARKER_RE.findall(text)) >= 2 or STEP_MARKER_RE.match(text.lstrip())):
         pieces = STEP_MARKER_RE.split(text)
+    elif delimiter in STEP_DELIMITERS:
+        pieces = re.split(STEP_DELIMITERS[delimiter][0], text)
     else:
         pieces = text.split(delimiter)
     steps = [p.strip() for p in pieces if p.strip()]
@@ -175,14 +208,23 @@ def split_steps(answer, delimiter="\n", strip_calc=False):
     return steps, final
 
 
-def join_solution(steps, final):
-    """The inverse of split_steps for the bundled format."""
-    return "\n".join(steps) + f"\n{FINAL_MARK} {final}"
+def join_solution(steps, final, sep="\n"):
+    """The inverse of split_steps: the steps joined by `sep`, then the line '#### final' unless the steps
+    already state the final answer in \\boxed{} (or there is none)."""
+    text = sep.join(steps)
+    if final is None or (last_boxed(text) == final and FINAL_MARK not in text):
+        return text
+    return text + f"\n{FINAL_MARK} {final}"
 
 
 # ----------------------------------------------------------------------------- answers
-BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*(-?[\d,]*\.?\d+(?:/\d+)?)", re.IGNORECASE)
+
+
+def last_boxed(text):
+    """The content of the last closed \\boxed{...}, braces balanced; None when there is none."""
+    spans = boxed_spans(text)
+    return text[spans[-1][0]:spans[-1][1] - 1].strip() if spans else None
 
 
 def extract_answer(text):
@@ -190,9 +232,9 @@ def extract_answer(text):
     for line in reversed(text.replace("\r\n", "\n").split("\n")):
         if line.strip().startswith(FINAL_MARK):
             return line.strip()[len(FINAL_MARK):].strip() or None
-    boxed = BOXED_RE.findall(text)
-    if boxed:
-        return boxed[-1].strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
     said = ANSWER_IS_RE.findall(text)
     return said[-1] if said else None
 
@@ -220,12 +262,32 @@ def normalize_answer(ans):
     return " ".join(ans.lower().split())
 
 
+def latex_equal(predicted, gold):
+    """Whether two LaTeX answers are the same mathematical object, by math-verify (Kydlicek et al. 2025; its
+    LaTeX parser and sympy): '\\frac12' = '1/2', 'x=3' = '3', '3\\sqrt2' = '3\\sqrt{2}'. Its time limits use
+    signals, which only the main thread may set; elsewhere it runs without them."""
+    from math_verify import parse, verify
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"${gold.strip().strip('$')}$", parsing_timeout=limit)
+    predicted_parsed = parse(f"${predicted.strip().strip('$')}$", parsing_timeout=limit)
+    return bool(gold_parsed and predicted_parsed and verify(gold_parsed, predicted_parsed, timeout_seconds=limit))
+
+
 def answers_match(predicted, gold):
+    """The one grading function (evaluation, pairs, majority votes): two plain numbers are compared exactly
+    (normalize_answer); otherwise equal normalized strings match, and LaTeX answers go to math-verify."""
     p, g = normalize_answer(predicted), normalize_answer(gold)
-    return p is not None and p == g
+    if p is None or g is None:
+        return False
+    if p == g:
+        return True
+    if NUMBER_RE.match(p) and NUMBER_RE.match(g):
+        return False
+    return latex_equal(predicted, gold)
 
 
-def to_step_rows(problems, delimiter="\n", strip_calc=True):
+def to_step_rows(problems, delimiter="newline", strip_calc=True):
     """Gold solutions in TRL's stepwise-supervision shape (every gold step labelled correct)."""
     rows = []
     for p in problems:

@@ -2,20 +2,26 @@
 
     python evaluate.py                                   # models/policy on data/test.jsonl
     python evaluate.py --MODEL=path/or/hub-id --OUT_DIR=results/my_run/eval
+    python evaluate.py --PROCESSBENCH=gsm8k.json,math.json --JUDGE=...   # the judge alone, on ProcessBench
 
 Writes OUT_DIR/config.json (the resolved config and the command), metrics.json, samples.jsonl (every
 completion with its extracted answer) and passk.png (pass@k and majority@k against k, greedy as a line).
-With a JUDGE, the K samples are also reranked by the judge (min, prod and last step score) and the judge is
-measured against the bundled task's reference step labels (step AUROC, accuracy at THRESHOLD,
-ProcessBench F1 of the first-error location), written to JUDGE_EVAL_FILE.
+With a JUDGE, the K samples are also reranked by the judge (min, prod and last step score). Where the
+problems carry reference step labels (the bundled task: STEP_LABELS), the judge is measured against them
+(step AUROC, accuracy at THRESHOLD, ProcessBench F1 of the first-error location), written to JUDGE_EVAL_FILE;
+elsewhere those numbers are absent. With PROCESSBENCH, only the judge runs: on each ProcessBench-format split
+(Zheng et al. 2024, arXiv 2412.06559) it predicts the first wrong step, scored by ProcessBench's F1, written
+to OUT_DIR/processbench.json (JUDGE=labels scores by the files' own labels: a check of the evaluation).
 pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, eq. 1) over the K samples.
 """
 import os
 import sys
 import time
 
-from common import DiskCache, atomic_write_json, atomic_write_jsonl, command_line, config_from_argv, print_json
-from data_utils import answers_match, extract_answer, load_problems, split_steps
+from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, command_line, config_from_argv,
+                    print_json)
+from data_utils import answers_match, extract_answer, load_benchmark, load_problems, split_steps
+from sources import source_name
 from task import label_steps
 from metrics import auroc, first_error_auroc, majority_answer, pass_at_k, processbench_f1
 from models import default_device, load_model, sample
@@ -30,7 +36,12 @@ JUDGE_MODEL_NAME = ""     # model name sent to a judge server
 JUDGE_TOKENIZER = ""      # judge server: tokenizer whose chat template renders the prompt ("" = plain)
 JUDGE_MODE = "one_pass"   # check (the judge writes a check of each step first) | one_pass; the other judge
                           # settings are reward_model.py's defaults (make_judge)
-TEST_FILE = "data/test.jsonl"
+TEST_FILE = "data/test.jsonl"   # a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT (sources.py)
+STEP_DELIMITER = "newline"     # how samples split into steps: newline | blank_line | step | markdown_step
+ANSWER_STYLE = "gsm8k"         # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
+STEP_LABELS = "auto"           # reference step labels for judge quality: task (the bundled task's checker) | none
+                               # | auto (task when every test problem is one of the bundled task's)
+PROCESSBENCH = ""              # ProcessBench-format files or hf: specs, comma-separated: evaluate the judge only
 OUT_DIR = "results/reference/eval_policy"
 JUDGE_EVAL_FILE = "results/reference/judge_eval.json"  # judge-vs-reference-labels report ("" = skip)
 THRESHOLD = 0.5           # judge score under which a step counts as wrong
@@ -74,10 +85,10 @@ def judge_pick(step_scores, how):
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def judge_metrics(problems, records, judge, cache, threshold, chunk):
+def judge_metrics(problems, records, judge, cache, threshold, chunk, delimiter="newline", labelled=True):
     """Judge the K samples of every problem; best-of-K by the judge; judge quality against the bundled
-    task's reference labels (task.label_steps)."""
-    items = [(r["question"], split_steps(s)[0]) for r in records for s in r["samples"]]
+    task's reference labels (task.label_steps) when `labelled`, else None."""
+    items = [(r["question"], split_steps(s, delimiter)[0]) for r in records for s in r["samples"]]
     results, _ = score_solutions(judge, cache, items, chunk)
     k = len(records[0]["samples"])
     out = {}
@@ -88,10 +99,12 @@ def judge_metrics(problems, records, judge, cache, threshold, chunk):
                  for r in records]
         out[f"judge_{how}"] = sum(answers_match(r["sample_answers"][p], r["gold"])
                                   for r, p in zip(records, picks)) / len(records)
+    if not labelled:
+        return out, None
     step_scores, step_labels, predicted, reference, solutions = [], [], [], [], []
     for p, r in zip(problems, records):
         for text, scores in zip(r["samples"], r["step_scores"]):
-            steps = split_steps(text)[0]
+            steps = split_steps(text, delimiter)[0]
             labels = label_steps(p["answer"], steps)
             scores = [x if x is not None else 0.5 for x in scores]
             step_scores += scores
@@ -106,6 +119,59 @@ def judge_metrics(problems, records, judge, cache, threshold, chunk):
                "n_steps": len(step_labels), "n_wrong_steps": step_labels.count(False),
                "unparseable": sum(x is None for r in records for s in r["step_scores"] for x in s)}
     return out, quality
+
+
+def task_labelled(problems):
+    """Whether the bundled task's checker can label samples of these problems: every one of them is a
+    problem of the bundled task (data/train.jsonl, data/test.jsonl). Its labels mean nothing elsewhere."""
+    bundled = set()
+    for name in ("train.jsonl", "test.jsonl"):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+        if os.path.exists(path):
+            bundled |= {(p["question"], p["answer"]) for p in load_problems(path)}
+    return all((p["question"], p["answer"]) in bundled for p in problems)
+
+
+class ReferenceLabels:
+    """Not a judge: a benchmark's own labels as step scores (1.0 before the first wrong step, 0.0 from it on),
+    so that the evaluation itself can be checked (its F1 must be 1.0). JUDGE=labels."""
+
+    def __init__(self, rows):
+        self.labels = {cache_key(r["problem"], r["steps"]): r["label"] for r in rows}
+        self.id, self.template = f"labels@{cache_key(sorted(self.labels.items()))[:16]}", "labels"
+
+    def score(self, items):
+        labels = [self.labels[cache_key(q, steps)] for q, steps in items]
+        return [{"scores": [float(label == -1 or k < label) for k in range(len(steps))], "raw": None}
+                for (_, steps), label in zip(items, labels)]
+
+
+def processbench_eval(judge, cache, rows, threshold, chunk):
+    """ProcessBench on one split: the judge scores every step of each solution, its predicted first error is
+    the first step scored under `threshold` (-1: none); F1 of the accuracies on erroneous and on correct
+    solutions (metrics.processbench_f1), and the count of steps the judge left unscored."""
+    results, _ = score_solutions(judge, cache, [(r["problem"], r["steps"]) for r in rows], chunk)
+    predicted = [first_error(x["scores"], threshold) for x in results]
+    return processbench_f1(predicted, [r["label"] for r in rows]) | {
+        "n": len(rows), "unparseable": sum(x is None for r in results for x in r["scores"])}
+
+
+def run_processbench(cfg, argv):
+    """evaluate.py with PROCESSBENCH: the judge alone on every split; writes OUT_DIR/processbench.json."""
+    splits = {source_name(spec): load_benchmark(spec) for spec in cfg["PROCESSBENCH"].split(",") if spec}
+    rows = [r for split in splits.values() for r in split]
+    judge = ReferenceLabels(rows) if cfg["JUDGE"] == "labels" else make_judge(cfg["JUDGE"], cfg)
+    cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
+    report = {name: processbench_eval(judge, cache, split, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
+              for name, split in splits.items()}
+    f1s = [r["f1"] for r in report.values() if r["f1"] is not None]
+    summary = {"mean_f1": sum(f1s) / len(f1s) if f1s else None, "splits": report, "judge": judge.id,
+               "threshold": cfg["THRESHOLD"], "command": command_line(__file__, argv)}
+    atomic_write_json(os.path.join(cfg["OUT_DIR"], "config.json"), cfg | {"command": command_line(__file__, argv)})
+    atomic_write_json(os.path.join(cfg["OUT_DIR"], "processbench.json"), summary)
+    f1 = {name: None if r["f1"] is None else round(r["f1"], 4) for name, r in report.items()}
+    print_json({"judge": judge.id} | f1 | {"out": cfg["OUT_DIR"]})
+    return summary
 
 
 def plot_passk(metrics, path, title):
@@ -131,9 +197,9 @@ def plot_passk(metrics, path, title):
     plt.close(fig)
 
 
-def greedy_solutions(model, tokenizer, problems, max_new_tokens=200, batch_size=64, desc="greedy"):
+def greedy_solutions(model, tokenizer, problems, max_new_tokens=200, batch_size=64, desc="greedy", style="gsm8k"):
     """(greedy completion per problem, greedy accuracy)."""
-    prompts = [policy_prompt(tokenizer, p["question"]) for p in problems]
+    prompts = [policy_prompt(tokenizer, p["question"], style) for p in problems]
     greedy = [row[0] for row in sample(model, tokenizer, prompts, n=1, temperature=0.0,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)]
     ok = [answers_match(extract_answer(g), split_steps(p["answer"])[1]) for g, p in zip(greedy, problems)]
@@ -142,10 +208,11 @@ def greedy_solutions(model, tokenizer, problems, max_new_tokens=200, batch_size=
 
 def evaluate_policy(model, tokenizer, problems, cfg, desc=""):
     """(metrics, per-problem records) for a loaded policy."""
-    prompts = [policy_prompt(tokenizer, p["question"]) for p in problems]
+    style = cfg.get("ANSWER_STYLE", ANSWER_STYLE)
+    prompts = [policy_prompt(tokenizer, p["question"], style) for p in problems]
     gold = [split_steps(p["answer"])[1] for p in problems]
     greedy, greedy_acc = greedy_solutions(model, tokenizer, problems, cfg["MAX_NEW_TOKENS"], cfg["BATCH_SIZE"],
-                                          f"{desc}greedy")
+                                          f"{desc}greedy", style)
     if not cfg["K"]:  # greedy accuracy only
         records = [{"question": p["question"], "gold": g, "greedy": gr, "greedy_answer": extract_answer(gr)}
                    for p, g, gr in zip(problems, gold, greedy)]
@@ -165,6 +232,10 @@ def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     torch.set_num_threads(cfg["THREADS"])
     t0 = time.time()
+    if cfg["STEP_LABELS"] not in ("auto", "task", "none"):
+        raise SystemExit(f"--STEP_LABELS must be auto, task or none, got {cfg['STEP_LABELS']!r}")
+    if cfg["PROCESSBENCH"]:
+        return run_processbench(cfg, argv)
     problems = load_problems(cfg["TEST_FILE"])
     if cfg["N_PROBLEMS"]:
         problems = problems[: cfg["N_PROBLEMS"]]
@@ -174,9 +245,11 @@ def main(argv):
     if cfg["JUDGE"] and cfg["K"]:
         judge = make_judge(cfg["JUDGE"], cfg)
         cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
-        best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
-        metrics |= best_of | {"judge_quality": quality}
-        if cfg["JUDGE_EVAL_FILE"]:
+        labelled = cfg["STEP_LABELS"] == "task" or (cfg["STEP_LABELS"] == "auto" and task_labelled(problems))
+        best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["BATCH_SIZE"],
+                                         cfg["STEP_DELIMITER"], labelled)
+        metrics |= best_of | ({"judge_quality": quality} if quality else {})
+        if cfg["JUDGE_EVAL_FILE"] and quality:
             atomic_write_json(cfg["JUDGE_EVAL_FILE"], {
                 "step_auroc": quality["step_auroc"], "step_accuracy": quality["step_accuracy"],
                 "processbench_f1": quality["processbench"]["f1"],

@@ -1,10 +1,9 @@
 """Metrics, as pure functions: pass@k and majority voting for the policy; AUROC, rank correlation and
 ProcessBench F1 for the judge.
 """
-from collections import Counter
 from math import comb
 
-from data_utils import normalize_answer
+from data_utils import answers_match, normalize_answer
 from task import arithmetic_slip
 
 
@@ -16,13 +15,20 @@ def pass_at_k(n, c, k):
 
 
 def majority_answer(answers):
-    """Most common normalised answer, ties broken by first appearance; None if no sample has an answer."""
-    votes = [normalize_answer(a) for a in answers if a is not None]
-    if not votes:
+    """Most common answer, answers that grade equal (data_utils.answers_match: '\\frac12' and '1/2') voting
+    together, ties broken by first appearance; its normalised form, None if no sample has an answer."""
+    groups = []  # [representative, votes]
+    for a in answers:
+        if a is None:
+            continue
+        group = next((g for g in groups if answers_match(a, g[0])), None)
+        if group:
+            group[1] += 1
+        else:
+            groups.append([a, 1])
+    if not groups:
         return None
-    counts = Counter(votes)
-    best = max(counts.values())
-    return next(v for v in votes if counts[v] == best)
+    return normalize_answer(max(groups, key=lambda g: g[1])[0])
 
 
 def auroc(scores, labels):
@@ -66,12 +72,14 @@ def spearman(a, b):
 
 def processbench_f1(predicted, reference):
     """ProcessBench (Zheng et al. 2024, arXiv 2412.06559): first-error indices (-1 = no error); accuracy on
-    erroneous and on correct solutions, and their harmonic mean."""
+    erroneous and on correct solutions, and their harmonic mean. A kind of solution the data lacks has no
+    accuracy (None), and then there is no F1 either (None), rather than a made-up 0."""
     err = [p == r for p, r in zip(predicted, reference) if r != -1]
     ok = [p == r for p, r in zip(predicted, reference) if r == -1]
-    acc_err = sum(err) / len(err) if err else 0.0
-    acc_ok = sum(ok) / len(ok) if ok else 0.0
-    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0
+    acc_err = sum(err) / len(err) if err else None
+    acc_ok = sum(ok) / len(ok) if ok else None
+    f1 = None if acc_err is None or acc_ok is None else (
+        2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0)
     return {"f1": f1, "acc_erroneous": acc_err, "acc_correct": acc_ok, "n_erroneous": len(err),
             "n_correct": len(ok)}
 

@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from prompts import FINAL_MARK, encode, left_pad, truncate_solution
+from prompts import answer_finished, encode, left_pad, truncate_solution
 
 # ----------------------------------------------------------------------------- loading
 
@@ -72,15 +72,31 @@ def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=No
     return model, tokenizer
 
 
-def fingerprint(path):
-    """A short id of a local model's weights (size and the ends of each weight file), so that a cache
-    never serves scores of a different checkpoint saved under the same name. Hub ids map to themselves."""
+def hub_revision(repo_id, cache_dir=None):
+    """The commit of a Hub model as this machine holds it: the snapshot that the Hugging Face cache's ref
+    points to, which from_pretrained has just updated (so offline too); None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, filename = (os.path.split(repo_id) if repo_id.endswith(".gguf") else (repo_id, "config.json"))
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    except ValueError:  # not a Hub id either (a local path that does not exist)
+        return None
+    return os.path.basename(os.path.dirname(found)) if isinstance(found, str) else None
+
+
+def fingerprint(path, cache_dir=None):
+    """A short id of a model's weights, so that a cache never serves scores of a different checkpoint saved
+    under the same name: for a local model, the size and the ends of each weight file; for a Hub id, the
+    commit it resolved to (hub_revision), so an updated Hub model gets new scores."""
     files = []
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
     elif os.path.isfile(path):
         files = [path]
     h = hashlib.sha256()
+    if not os.path.exists(path):
+        h.update(f"{path}@{hub_revision(str(path), cache_dir)}".encode())
     for f in files:
         size = os.path.getsize(f)
         h.update(f"{os.path.basename(f)}:{size}".encode())
@@ -206,10 +222,9 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
                 next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
                 generated[:, t] = next_ids
                 done |= next_ids == eos
-                if t % 16 == 15:  # a solution also ends at its final-answer line, whatever follows it
+                if t % 16 == 15:  # a solution also ends at its final answer, whatever follows it
                     texts = tokenizer.batch_decode(generated[:, : t + 1], skip_special_tokens=True)
-                    done |= torch.tensor(["\n" in s[s.find(FINAL_MARK):] if FINAL_MARK in s else False
-                                          for s in texts])
+                    done |= torch.tensor([answer_finished(s) for s in texts])
                 if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)

@@ -8,10 +8,11 @@ continuation that reaches the correct final answer (chosen_continuation).
 import math
 import os
 
-from data_utils import answers_match, join_solution, load_problems, read_jsonl, split_steps
+from data_utils import answers_match, join_solution, load_problems, split_steps, step_separator
 from task import arithmetic_slip, label_steps
 from metrics import auroc
 from prompts import step_text
+from sources import read_jsonl
 
 # ----------------------------------------------------------------------------- step scores
 
@@ -39,10 +40,11 @@ def first_error(scores, threshold):
     return next((k for k, s in enumerate(scores) if s is not None and s < threshold), -1)
 
 
-def parse_solution(text, gold, scores=None):
-    steps, final = split_steps(text)
+def parse_solution(text, gold, scores=None, delimiter="newline"):
+    """A sample's steps (split on `delimiter`), final answer and grade; "sep" joins its steps back."""
+    steps, final = split_steps(text, delimiter)
     return {"text": text, "steps": steps, "final": final if final is not None else "",
-            "correct": answers_match(final, gold), "scores": scores}
+            "correct": answers_match(final, gold), "scores": scores, "sep": step_separator(delimiter)}
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -116,10 +118,11 @@ def chosen_continuation(candidates, prefix, bad, e, threshold, reaches_answer=Tr
 
 
 def make_step_pair(question, gold, prefix, good, bad, e, source):
-    row = {"prompt": question, "initial_reason_steps": step_text(prefix),
-           "chosen": step_text([good["steps"][e]]), "rejected": step_text([bad["steps"][e]]),
-           "full_chosen": join_solution(good["steps"][e:], good["final"]),
-           "full_rejected": join_solution(bad["steps"][e:], bad["final"]), "answer": gold}
+    sep = bad.get("sep", "\n")
+    row = {"prompt": question, "initial_reason_steps": step_text(prefix, sep),
+           "chosen": step_text([good["steps"][e]], sep), "rejected": step_text([bad["steps"][e]], sep),
+           "full_chosen": join_solution(good["steps"][e:], good["final"], sep),
+           "full_rejected": join_solution(bad["steps"][e:], bad["final"], sep), "answer": gold}
     meta = {"source": source, "chosen_score": good["scores"][e], "rejected_score": bad["scores"][e],
             "chosen_correct": good["correct"], "step_index": e}
     return row, meta
@@ -139,8 +142,8 @@ def full_pair(question, gold, solutions, by_judge=True):
     if by_judge:
         good = max(right, key=lambda s: aggregate(s["scores"], "min"))
         bad = min(wrong, key=lambda s: aggregate(s["scores"], "min"))
-    return {"prompt": question, "chosen": join_solution(good["steps"], good["final"]),
-            "rejected": join_solution(bad["steps"], bad["final"]), "chosen_steps": good["steps"],
+    return {"prompt": question, "chosen": join_solution(good["steps"], good["final"], good.get("sep", "\n")),
+            "rejected": join_solution(bad["steps"], bad["final"], bad.get("sep", "\n")), "chosen_steps": good["steps"],
             "rejected_steps": bad["steps"], "chosen_step_scores": good["scores"],
             "rejected_step_scores": bad["scores"], "answer": gold}
 

@@ -1,17 +1,25 @@
 """Every text the pipeline shows a model, and how those texts become tokens.
 
-Defined here once and imported everywhere else: the final-answer mark, the policy prompt, the judge prompt
+Defined here once and imported everywhere else: the final-answer formats ('#### x' lines and \\boxed{x}) and
+where an answer ends, the policy prompt, the judge prompt
 (GenRM, Zhang et al. 2024, arXiv 2408.15240) and its packing into one sequence per solution, chat-template
 wrapping, left padding and the 4D additive attention mask that the judge and the trainer share.
 """
+import re
 
 # ----------------------------------------------------------------------------- formats
 FINAL_MARK = "####"               # a solution ends with the line '#### <answer>' (GSM8K)
+BOXED = "\\boxed{"                # or states its answer in \boxed{<answer>} (MATH, instruct models)
 
-# Policy: a question in, a solution out (one step per line, then '#### <answer>').
+# Policy: a question in, a solution out (one step per line, then the final answer in one of the two styles).
 POLICY_TEMPLATE = "Question: {question}\nAnswer:\n"
-POLICY_INSTRUCTION = ("Solve the problem step by step. Write one step per line and end with a line "
-                      f"'{FINAL_MARK} <answer>'.\n\n{{question}}")
+POLICY_INSTRUCTIONS = {  # ANSWER_STYLE -> the instruction a chat-template policy gets
+    "gsm8k": ("Solve the problem step by step. Write one step per line and end with a line "
+              f"'{FINAL_MARK} <answer>'.\n\n{{question}}"),
+    "boxed": ("Solve the problem step by step. Write one step per line and put the final answer in "
+              "\\boxed{{}}.\n\n{question}"),
+}
+POLICY_INSTRUCTION = POLICY_INSTRUCTIONS["gsm8k"]
 
 # Judge: the prompt for step k is the prompt for step k-1 plus step k plus a fixed question suffix, so that
 # all steps of a solution can be scored in one pass. The score is P(Yes) / (P(Yes) + P(No)) for the next token.
@@ -33,18 +41,53 @@ ANSWER_CUE = "Correct? Answer:"
 _SPLIT = "\u0000"
 
 
+def boxed_spans(text):
+    """(start of the content, end of the closing brace) of every closed \\boxed{...} in `text`, braces
+    balanced (so \\boxed{\\frac{\\sqrt{3}}{2}} is one span); an unclosed one ends the search."""
+    spans, start = [], text.find(BOXED)
+    while start >= 0:
+        depth, i = 1, start + len(BOXED)
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth:
+            break
+        spans.append((start + len(BOXED), i))
+        start = text.find(BOXED, i)
+    return spans
+
+
+FINAL_LINE_RE = re.compile(rf"^[ \t]*{FINAL_MARK}[^\n]*\n", re.M)
+BOXED_TAIL_RE = re.compile(r"[ \t]*(?:\$\$|\$|\\\]|\\\))?[ \t]*[.!]?")
+
+
+def answer_end(text):
+    """Where the final answer of generated text ends, or None while it has not: after the newline that closes
+    the first line that starts with '#### x', or after the first closed \\boxed{...} with the math delimiter
+    and full stop that directly follow it ('$\\boxed{5}$.')."""
+    ends = [m.end() - 1 for m in FINAL_LINE_RE.finditer(text)][:1]
+    spans = boxed_spans(text)
+    if spans:
+        close = spans[0][1]
+        ends.append(close + BOXED_TAIL_RE.match(text, close).end() - close)
+    return min(ends) if ends else None
+
+
+def answer_finished(text):
+    """True once generated text holds the end of its final answer (answer_end): sampling stops there."""
+    return answer_end(text) is not None
+
+
 def truncate_solution(text):
-    """Cut a generated solution after its final-answer line."""
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if line.strip().startswith(FINAL_MARK):
-            return "\n".join(lines[: i + 1]).strip()
-    return text.strip()
+    """Cut a generated solution after its final answer: the '#### x' line, or the first closed \\boxed{}."""
+    end = answer_end(text)
+    return (text if end is None else text[:end]).strip()
 
 
-def step_text(steps):
-    """Steps as the policy writes them: one per line, each ending in a newline and never in EOS."""
-    return "".join(s + "\n" for s in steps)
+def step_text(steps, sep="\n"):
+    """Steps as the policy writes them: each followed by the step separator (one per line by default) and
+    never by EOS."""
+    return "".join(s + sep for s in steps)
 
 
 def chat_wrap(tokenizer):
@@ -58,10 +101,13 @@ def chat_wrap(tokenizer):
     return before, after
 
 
-def policy_prompt(tokenizer, question):
+def policy_prompt(tokenizer, question, style="gsm8k"):
+    """The policy's prompt; a chat-template policy is asked for the final answer in `style` (gsm8k | boxed)."""
+    if style not in POLICY_INSTRUCTIONS:
+        raise SystemExit(f"--ANSWER_STYLE must be one of {', '.join(POLICY_INSTRUCTIONS)}, got {style!r}")
     if getattr(tokenizer, "chat_template", None):
         before, after = chat_wrap(tokenizer)
-        return before + POLICY_INSTRUCTION.format(question=question) + after
+        return before + POLICY_INSTRUCTIONS[style].format(question=question) + after
     return POLICY_TEMPLATE.format(question=question)
 
 

@@ -187,7 +187,7 @@ def read_json(path):
 def main(argv):
     import torch
 
-    from data_utils import read_jsonl
+    from sources import read_jsonl
     from metrics import spearman
     from reward_model import make_judge
 

@@ -53,7 +53,9 @@ JUDGE_MODE = "one_pass"           # check: the judge writes a check of each step
 CHECK_TOKENS = 32                 # most tokens of one check; a check cut by it leaves its step unscored
 CHECK_VOTES = 1                   # checks per solution, their P(Yes) averaged (1: one greedy check)
 CHECK_TEMPERATURE = 0.7           # sampling temperature of the checks when CHECK_VOTES > 1
-TRAIN_FILE = "data/train.jsonl"
+TRAIN_FILE = "data/train.jsonl"   # problems: a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT (sources.py)
+STEP_DELIMITER = "newline"        # how samples split into steps: newline | blank_line | step | markdown_step
+ANSWER_STYLE = "gsm8k"            # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
 FIRST_PROBLEM = PAIRS_POOL[0]     # the pairs pool: problems the policy was never supervised on
 N_PROBLEMS = 1000
 K = 8                             # samples per problem
@@ -243,7 +245,7 @@ class LocalCheckJudge(LocalJudge):
 
 
 class HTTPJudge(CompletionsClient):
-    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server, hosted APIs) as judge: one
+    """An OpenAI-compatible /v1/completions endpoint (vLLM, llama.cpp server) as judge: one
     token, temperature 0, top log-probabilities. The prompt is rendered here (with `tokenizer`'s chat
     template when given) and sent raw, so that a server scores the same text a local judge would."""
 
@@ -418,24 +420,24 @@ def main(argv):
     scores_cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
     gold = [split_steps(p["answer"])[1] for p in problems]
     questions = [p["question"] for p in problems]
-    prompts = [policy_prompt(tokenizer, q) for q in questions]
+    prompts = [policy_prompt(tokenizer, q, cfg["ANSWER_STYLE"]) for q in questions]
     seeds = [cfg["SEED"] * 1_000_000 + cfg["FIRST_PROBLEM"] + i for i in range(len(problems))]
 
     # 1-2. sample and judge
     texts, n_sampled = sample_solutions(policy, samples_cache, prompts, seeds, cfg["K"], cfg)
-    solutions = [[parse_solution(t, g) for t in row] for row, g in zip(texts, gold)]
+    solutions = [[parse_solution(t, g, delimiter=cfg["STEP_DELIMITER"]) for t in row] for row, g in zip(texts, gold)]
     flat = [s for row in solutions for s in row]
     n_scored = judge_solutions(judge, scores_cache, [q for q, row in zip(questions, solutions) for _ in row], flat,
                                cfg["CHUNK"])
 
     # 3. step pairs, with self-rectification for the rejected steps no other sample answers
     def rectify(unmatched):
-        r_prompts = [prompts[i] + step_text(prefix) for i, prefix, _, _ in unmatched]
+        r_prompts = [prompts[i] + step_text(prefix, bad["sep"]) for i, prefix, bad, _ in unmatched]
         r_seeds = [seeds[i] * 1000 + 7 * e + 1 for i, _, _, e in unmatched]
         r_texts, computed["rectify_samples"] = sample_solutions(policy, samples_cache, r_prompts, r_seeds,
                                                               cfg["RECTIFY_SAMPLES"], cfg, desc="rectifying")
-        r_solutions = [[parse_solution(step_text(prefix) + t, gold[i]) for t in row]
-                       for (i, prefix, _, _), row in zip(unmatched, r_texts)]
+        r_solutions = [[parse_solution(step_text(prefix, bad["sep"]) + t, gold[i], delimiter=cfg["STEP_DELIMITER"])
+                        for t in row] for (i, prefix, bad, _), row in zip(unmatched, r_texts)]
         computed["rectify_scored"] = judge_solutions(judge, scores_cache, [questions[i] for (i, *_), row in zip(
             unmatched, r_solutions) for _ in row], [s for row in r_solutions for s in row], cfg["CHUNK"])
         return r_solutions

@@ -33,14 +33,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from batching import collate, precompute_reference, sequence_logps
 from common import atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
-from data_utils import read_jsonl, split_steps
+from data_utils import last_boxed, load_pairs, split_steps
 from models import default_device, fingerprint, load_model
 from prompts import FINAL_MARK, encode, policy_prompt
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"           # starting policy (also the reference): folder, Hub id or .gguf
-DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, or full_pairs.jsonl rows
+DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, full_pairs rows, or TRL's {prompt,
+                                  # chosen, rejected} (outcome); a JSONL, JSON, parquet file or hf: spec (sources.py)
+EVAL_DATA = ""                    # held-out pairs of the same shape for the eval loss ("" = none; see TRAINER_ARGS)
 MODE = "step"                     # step | weighted | outcome
+ANSWER_STYLE = "gsm8k"            # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
 OUT_DIR = "results/reference/train"
 LOSS = "sigmoid"                  # sigmoid (DPO) | ipo | sft (NLL_WEIGHT x chosen NLL only: the SFT control)
 BETA = 0.3
@@ -73,46 +76,12 @@ SEED = 0
 THREADS = 2
 DTYPE = "float32"
 TRUST_REMOTE_CODE = False
+TRAINER_ARGS = {}                 # TrainingArguments fields over the ones set here, as JSON: {"report_to":
+                                  # ["tensorboard"], "optim": "adamw_torch_fused", "push_to_hub": true, ...}
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
-
-STEP_KEYS = ("prompt", "initial_reason_steps", "chosen", "rejected")
-FULL_KEYS = ("prompt", "chosen_steps", "rejected_steps", "chosen_step_scores", "rejected_step_scores", "answer")
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _is_score(s):
-    return s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1)
-
-
-FIELD_CHECKS = {  # kind -> (test, what the message says it must be)
-    "string": (lambda v: isinstance(v, str), "a string"),
-    "strings": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
-    "scores": (lambda v: isinstance(v, list) and all(map(_is_score, v)), "a list of scores in [0, 1] or null"),
-}
-
-
-def load_pairs(path, mode):
-    """Rows of a pairs file, checked for the fields `mode` needs (file, line and field named on error)."""
-    kinds = dict.fromkeys(STEP_KEYS, "string") if mode == "step" else dict(zip(FULL_KEYS, (
-        "string", "strings", "strings", "scores", "scores", "string")))
-
-    def pair_errors(row):
-        missing = [k for k in kinds if k not in row]
-        if missing:
-            hint = " (MODE=step needs Math-Step-DPO rows; weighted/outcome need full_pairs rows)"
-            return [f"field '{missing[0]}' is missing{hint}"]
-        for key, kind in kinds.items():
-            ok, what = FIELD_CHECKS[kind]
-            if not ok(row[key]):
-                return [f"field '{key}' must be {what}, got {json.dumps(row[key])[:40]}"]
-        if mode != "step" and (len(row["chosen_steps"]) != len(row["chosen_step_scores"])
-                               or len(row["rejected_steps"]) != len(row["rejected_step_scores"])):
-            return ["field 'chosen_step_scores'/'rejected_step_scores' must have one score per step"]
-        return []
-
-    return read_jsonl(path, pair_errors)
 
 
 def step_weights(scores, side, mode):
@@ -128,27 +97,42 @@ def step_weights(scores, side, mode):
 
 def solution_tokens(tokenizer, steps, final, weights):
     """Token ids of a whole solution (steps, final line, EOS) and the weight of each token's step; the
-    final-answer line and EOS belong to the last step."""
+    final-answer line and EOS belong to the last step. final None: the steps state it (\\boxed{}), no line."""
     ids, w = [], []
     for k, step in enumerate(steps):
         piece = tokenizer(step + "\n", add_special_tokens=False)["input_ids"]
         ids += piece
         w += [weights[k]] * len(piece)
-    tail = tokenizer(f"{FINAL_MARK} {final}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    line = [] if final is None else tokenizer(f"{FINAL_MARK} {final}", add_special_tokens=False)["input_ids"]
+    tail = line + [tokenizer.eos_token_id]
     return ids + tail, w + [weights[-1] if weights else 1.0] * len(tail)
 
 
-def build_features(tokenizer, row, mode):
-    """{prompt_ids, chosen_ids, rejected_ids, chosen_weights, rejected_weights} for one pair."""
+def marked_final(text, default):
+    """The answer on a '#### x' line of `text`; `default` when it has none; None when it states the answer
+    in \\boxed{} instead (no line to add)."""
+    if FINAL_MARK in text:
+        return split_steps(text)[1] or default
+    return None if last_boxed(text) is not None else default
+
+
+def build_features(tokenizer, row, mode, style="gsm8k"):
+    """{prompt_ids, chosen_ids, rejected_ids, chosen_weights, rejected_weights} for one pair. The prompt is
+    the row's question in the policy prompt (asking for the final answer in `style`)."""
     if mode == "step":
-        prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"]) + row["initial_reason_steps"])
+        prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"], style) + row["initial_reason_steps"])
         chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
         rejected = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]
         return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
                 "chosen_weights": [1.0] * len(chosen), "rejected_weights": [1.0] * len(rejected)}
-    prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"]))
-    final_c = split_steps(row.get("chosen", ""))[1] or row["answer"]
-    final_r = split_steps(row.get("rejected", ""))[1] or ""
+    prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"], style))
+    if "chosen_steps" not in row:  # a plain preference row: whole solutions as written, then EOS
+        chosen, rejected = [tokenizer(row[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                            for k in ("chosen", "rejected")]
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+                "chosen_weights": [1.0] * len(chosen), "rejected_weights": [1.0] * len(rejected)}
+    final_c = marked_final(row.get("chosen", ""), row["answer"])
+    final_r = marked_final(row.get("rejected", ""), "")
     chosen, cw = solution_tokens(tokenizer, row["chosen_steps"], final_c,
                                  step_weights(row["chosen_step_scores"], "chosen", mode))
     rejected, rw = solution_tokens(tokenizer, row["rejected_steps"], final_r,
@@ -278,9 +262,27 @@ class StepwiseDPOTrainer(Trainer):
                    "nll/chosen": nll, "step/chosen_tokens": policy["chosen_tokens"],
                    "step/rejected_tokens": policy["rejected_tokens"],
                    "step/chosen_below_ref": (ref_chosen_plain - policy["chosen_plain"]).clamp(min=0)}
-        for name, value in metrics.items():
-            self._metrics.setdefault(name, []).append(value.detach().float().mean())
+        if model.training:  # an evaluation's batches (EVAL_DATA) report only their loss
+            for name, value in metrics.items():
+                self._metrics.setdefault(name, []).append(value.detach().float().mean())
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation on held-out pairs: the training loss, without gradients (the parent's looks for labels
+        and logits, which pairs do not have)."""
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The parent's save, with the training arguments as readable JSON instead of its pickled
+        training_args.bin (a repo that loads no pickles should write none)."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if self.args.should_save and os.path.exists(pickled):
+            os.remove(pickled)
+            atomic_write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
 
     def check_finite(self, loss):
         """Stop on a NaN or infinite loss before its gradients reach the weights, so that no checkpoint of a
@@ -345,6 +347,39 @@ def plot_training(metrics_path, out_path):
     plt.close(fig)
 
 
+def usable_features(tokenizer, rows, cfg, source):
+    """Features of the pairs that fit in MAX_LEN and have both a chosen and a rejected token."""
+    features = [build_features(tokenizer, r, cfg["MODE"], cfg["ANSWER_STYLE"]) for r in rows]
+    features = [f for f in features if len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
+                <= cfg["MAX_LEN"] and f["chosen_ids"] and f["rejected_ids"]]
+    if not features:
+        raise SystemExit(f"no usable pairs in {source} (empty, or all longer than MAX_LEN={cfg['MAX_LEN']})")
+    return features
+
+
+def training_arguments(cfg, out):
+    """TrainingArguments from the tunables, with TRAINER_ARGS set over them (report_to, push_to_hub, optim,
+    eval and save strategies, ...); a field TrainingArguments does not have stops the script."""
+    defaults = dict(
+        output_dir=out, per_device_train_batch_size=cfg["BATCH_SIZE"], per_device_eval_batch_size=cfg["BATCH_SIZE"],
+        gradient_accumulation_steps=cfg["GRAD_ACCUM"], learning_rate=cfg["LR"], num_train_epochs=1,
+        max_steps=cfg["MAX_STEPS"], train_sampling_strategy="sequential", warmup_steps=cfg["WARMUP_RATIO"],
+        weight_decay=cfg["WEIGHT_DECAY"], max_grad_norm=cfg["MAX_GRAD_NORM"], lr_scheduler_type="linear",
+        logging_steps=cfg["LOGGING_STEPS"], save_steps=cfg["SAVE_STEPS"], save_total_limit=cfg["SAVE_TOTAL_LIMIT"],
+        seed=cfg["SEED"], data_seed=cfg["SEED"], remove_unused_columns=False, report_to=[],
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
+        ddp_find_unused_parameters=False, bf16=cfg["BF16"], activation_checkpointing=cfg["GRADIENT_CHECKPOINTING"],
+        activation_checkpointing_kwargs={"use_reentrant": False})
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(cfg["TRAINER_ARGS"]) - fields)
+    if unknown:
+        raise SystemExit(f"--TRAINER_ARGS: TrainingArguments has no field {unknown[0]!r}")
+    try:
+        return TrainingArguments(**(defaults | cfg["TRAINER_ARGS"]))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--TRAINER_ARGS: {e}") from None
+
+
 def last_complete_checkpoint(out_dir):
     """The newest checkpoint-N folder whose trainer state was written (a kill during a save leaves an
     incomplete folder behind, which must not be resumed from)."""
@@ -365,18 +400,18 @@ def main(argv):
     torch.manual_seed(cfg["SEED"])
     out = cfg["OUT_DIR"]
     rows = load_pairs(cfg["DATA"], cfg["MODE"])
+    eval_rows = load_pairs(cfg["EVAL_DATA"], cfg["MODE"]) if cfg["EVAL_DATA"] else None
     model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
-    features = [build_features(tokenizer, r, cfg["MODE"]) for r in rows]
-    features = [f for f in features if len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
-                <= cfg["MAX_LEN"] and f["chosen_ids"] and f["rejected_ids"]]
-    if not features:
-        raise SystemExit(f"no usable pairs in {cfg['DATA']} (empty, or all longer than MAX_LEN={cfg['MAX_LEN']})")
+    features = usable_features(tokenizer, rows, cfg, cfg["DATA"])
+    eval_features = usable_features(tokenizer, eval_rows, cfg, cfg["EVAL_DATA"]) if eval_rows else None
+    args = training_arguments(cfg, out)  # checked before the reference pass
     ref_model = None
     if cfg["REFERENCE"] == "precomputed":
-        key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(features)}-{int(cfg['PREFIX_SHARING'])}"
         model.to(default_device())  # the Trainer moves it there anyway; the reference pass should not run on CPU
-        precompute_reference(model, features, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
-                             os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"])
+        for feats in filter(None, (features, eval_features)):
+            key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(feats)}-{int(cfg['PREFIX_SHARING'])}"
+            precompute_reference(model, feats, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
+                                 os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"])
     elif not cfg["LORA"]:
         ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
         ref_model.requires_grad_(False)
@@ -387,17 +422,9 @@ def main(argv):
                                                  task_type="CAUSAL_LM"))
         # the saved adapter names its base as given here (a .gguf file included), so load_model can rebuild it
         model.peft_config["default"].base_model_name_or_path = cfg["MODEL"]
-    args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=cfg["BATCH_SIZE"], gradient_accumulation_steps=cfg["GRAD_ACCUM"],
-        learning_rate=cfg["LR"], num_train_epochs=1, max_steps=cfg["MAX_STEPS"], train_sampling_strategy="sequential", warmup_steps=cfg["WARMUP_RATIO"],
-        weight_decay=cfg["WEIGHT_DECAY"], max_grad_norm=cfg["MAX_GRAD_NORM"], lr_scheduler_type="linear",
-        logging_steps=cfg["LOGGING_STEPS"], save_steps=cfg["SAVE_STEPS"], save_total_limit=cfg["SAVE_TOTAL_LIMIT"],
-        seed=cfg["SEED"], data_seed=cfg["SEED"], remove_unused_columns=False, report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False, bf16=cfg["BF16"],
-        activation_checkpointing=cfg["GRADIENT_CHECKPOINTING"],
-        activation_checkpointing_kwargs={"use_reentrant": False})
     trainer = StepwiseDPOTrainer(
         model=model, args=args, train_dataset=PairDataset(epoch_order(features, cfg["EPOCHS"], cfg["SEED"])),
+        eval_dataset=PairDataset(eval_features) if eval_features else None,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"], cfg["PACK_FACTOR"]),
         dpo=DPOSettings.from_config(cfg),
         ref_model=ref_model, callbacks=[JsonlMetrics(os.path.join(out, "metrics.jsonl"))])

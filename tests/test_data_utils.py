@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from conftest import GSM8K_DIR, ROOT
-from data_utils import (DataError, answers_match, extract_answer, join_solution, load_problems, split_steps,
+from data_utils import (answers_match, extract_answer, join_solution, load_problems, split_steps, step_separator,
                         strip_calculator, to_step_rows)
+from sources import DataError
 
 GOOD = {"question": "Tom has 3 apples. He finds 2 more. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}
 
@@ -42,7 +43,7 @@ def test_validate_reports_each_bad_row(tmp_path):
         f"{path}:5: field 'question' is missing",
         f"{path}:6: field 'question' is empty",
         f"{path}:7: field 'question' must be a string, got int",
-        f"{path}:8: field 'answer' has no final line '#### <answer>'",
+        f"{path}:8: field 'answer' has no final line '#### <answer>' and no \\boxed{{<answer>}}",
         f"{path}:9: bytes at offset 17 are not valid UTF-8",
     ]
     assert summary["rows"] == 10 and summary["valid"] == 2 and summary["invalid"] == 8
@@ -101,25 +102,35 @@ def test_extract_answer(text, expected):
     ("1,080", "1080", True), ("$18", "18", True), ("18.0", "18", True), ("18.", "18", True),
     ("6/8", "0.75", True), ("-3", "-3.00", True), ("\\frac{1}{2}", "1/2", True), ("-3", "3", False),
     ("18", "19", False), (None, "1", False), ("Seven", "seven", True),
+    # LaTeX answers, graded by math-verify
+    ("\\frac12", "1/2", True), ("x=3", "3", True), ("3\\sqrt{2}", "3\\sqrt2", True), ("\\frac{\\sqrt{3}}{2}",
+     "\\sqrt{3}/2", True), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("3\\sqrt{2}", "2\\sqrt{3}", False), ("\\frac{1}{3}", "0.33", False), ("x=4", "3", False),
 ])
 def test_answers_match(a, b, same):
     assert answers_match(a, b) is same
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("so $x = \\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}"),
+    ("\\boxed{\\left\\{1, 2\\right\\}} then \\boxed{\\dfrac{a}{b^{2}}}", "\\dfrac{a}{b^{2}}"),
+    ("unclosed \\boxed{\\frac{1}{2}", None),
+])
+def test_boxed_extraction_balances_braces(text, expected):
+    assert extract_answer(text) == expected
 
 
-
-
-
-
-
-
-
-
-
-
-
-
+def test_step_delimiters_split_and_join_back():
+    blocks = "## Step 1: Add.\n3 + 4 = 7.\n\n## Step 2: Double.\n2 * 7 = 14.\n\nThe answer is $\\boxed{14}$."
+    steps, final = split_steps(blocks, "markdown_step")
+    assert steps == ["## Step 1: Add.\n3 + 4 = 7.", "## Step 2: Double.\n2 * 7 = 14.\n\nThe answer is $\\boxed{14}$."]
+    assert final == "14" and join_solution(steps, final, step_separator("markdown_step")) == blocks
+    assert split_steps(blocks, "blank_line")[0] == ["## Step 1: Add.\n3 + 4 = 7.", "## Step 2: Double.\n2 * 7 = 14.",
+                                                     "The answer is $\\boxed{14}$."]
+    assert split_steps(blocks)[0] == ["Add.\n3 + 4 = 7.", "Double.\n2 * 7 = 14.\n\nThe answer is $\\boxed{14}$."]
+    lines = "Step 1: a\nmore of a\nStep 2: b\n#### 5"
+    assert split_steps(lines, "step") == (["Step 1: a\nmore of a", "Step 2: b"], "5")
+    assert join_solution(["a", "b"], "5") == "a\nb\n#### 5" and join_solution(["\\boxed{5}"], "5") == "\\boxed{5}"
 
 
 def test_to_step_rows_shape():
@@ -139,3 +150,17 @@ def test_real_gsm8k(name):
         assert len(steps) == len([ln for ln in row["answer"].split("\n")[:-1] if ln.strip()])
         assert extract_answer(row["answer"]) == final and answers_match(final, final)
         assert answers_match(extract_answer(row["answer"]).replace(",", ""), final)
+
+
+MATH500 = os.path.join(ROOT, "..", "shared", "data", "math500", "test_first100.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(MATH500), reason="MATH-500 slice not found at ../shared/data/math500")
+def test_real_math500_answers_extract_from_their_solutions_and_grade_equal():
+    rows = [json.loads(line) for line in open(MATH500, encoding="utf-8")]
+    for row in rows:
+        extracted = extract_answer(row["solution"])
+        assert extracted is not None, row["unique_id"]
+        assert answers_match(extracted, extracted) and answers_match(row["answer"], row["answer"]), row["unique_id"]
+        assert answers_match(extracted, row["answer"]), (row["unique_id"], extracted, row["answer"])
+    assert [p["answer"] for p in load_problems(MATH500)] == [r["solution"] for r in rows]

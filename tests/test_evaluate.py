@@ -5,7 +5,7 @@ import os
 import pytest
 
 import evaluate
-from conftest import COMMITTED
+from conftest import COMMITTED, ROOT, FakeServer
 
 
 def test_score_samples_by_hand():
@@ -54,3 +54,44 @@ def test_greedy_only_evaluation_with_k_0(tmp_path):
     assert set(metrics) == {"n_problems", "k", "greedy_acc", "seconds"} and metrics["k"] == 0
     assert len(samples) == 5 and "samples" not in samples[0] and not (out / "passk.png").exists()
     assert metrics["greedy_acc"] == sum(evaluate.answers_match(s["greedy_answer"], s["gold"]) for s in samples) / 5
+
+
+PROCESSBENCH = os.path.join(ROOT, "..", "shared", "data", "processbench")
+GSM8K_TEST = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "test.jsonl")
+
+
+@pytest.mark.skipif(not os.path.isdir(PROCESSBENCH), reason="ProcessBench not found at ../shared/data/processbench")
+def test_processbench_with_reference_labels_and_an_always_yes_judge(tmp_path):
+    splits = [os.path.join(PROCESSBENCH, name) for name in ("gsm8k.json", "math_first100.json")]
+    common = [f"--PROCESSBENCH={','.join(splits)}", f"--CACHE_DIR={tmp_path / 'cache'}"]
+    labels = evaluate.main([*common, "--JUDGE=labels", f"--OUT_DIR={tmp_path / 'labels'}"])
+    gsm8k, math = labels["splits"]["gsm8k"], labels["splits"]["math_first100"]
+    assert (gsm8k["f1"], gsm8k["acc_erroneous"], gsm8k["acc_correct"]) == (1.0, 1.0, 1.0)
+    assert (gsm8k["n_erroneous"], gsm8k["n_correct"], gsm8k["n"]) == (207, 193, 400)
+    # the math slice holds no correct solution: no accuracy on correct ones, so no F1 (not a made-up number)
+    assert (math["f1"], math["acc_erroneous"], math["acc_correct"], math["n_correct"]) == (None, 1.0, None, 0)
+    assert labels["mean_f1"] == 1.0 and labels["judge"].startswith("labels@")
+    assert json.loads((tmp_path / "labels" / "processbench.json").read_text())["splits"]["gsm8k"]["f1"] == 1.0
+    with FakeServer(score=lambda prompt: 0.99) as server:   # a served judge that accepts every step
+        yes = evaluate.main([*common, f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=yes",
+                             f"--OUT_DIR={tmp_path / 'yes'}"])
+    # it never finds an error: right on every correct solution, wrong on every erroneous one, F1 = 0
+    assert (yes["splits"]["gsm8k"]["acc_correct"], yes["splits"]["gsm8k"]["acc_erroneous"]) == (1.0, 0.0)
+    assert yes["splits"]["gsm8k"]["f1"] == 0.0 and yes["splits"]["math_first100"]["acc_erroneous"] == 0.0
+    steps = sum(len(r["steps"]) for path in splits for r in json.load(open(path, encoding="utf-8")))
+    assert len(server.seen) == steps and yes["judge"].startswith(server.url)
+
+
+@pytest.mark.skipif(not os.path.exists(GSM8K_TEST), reason="real GSM8K not found at ../shared/data/gsm8k")
+def test_no_judge_quality_numbers_without_reference_labels(tmp_path):
+    """On real GSM8K the bundled task's checker means nothing: best-of-K is reported, judge quality is not."""
+    out = tmp_path / "eval"
+    evaluate.main([f"--MODEL={os.path.join(COMMITTED, 'policy')}", f"--TEST_FILE={GSM8K_TEST}", "--N_PROBLEMS=2",
+                   "--K=2", f"--OUT_DIR={out}", "--MAX_NEW_TOKENS=40", f"--CACHE_DIR={tmp_path / 'cache'}",
+                   f"--JUDGE_EVAL_FILE={tmp_path / 'judge_eval.json'}"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "judge_min" in metrics and "judge_quality" not in metrics
+    assert not (tmp_path / "judge_eval.json").exists()
+    assert json.loads((out / "config.json").read_text())["STEP_LABELS"] == "auto"
+    problems = evaluate.load_problems(os.path.join(ROOT, "data", "test.jsonl"))[:3]
+    assert evaluate.task_labelled(problems) and not evaluate.task_labelled(evaluate.load_problems(GSM8K_TEST)[:3])

@@ -26,7 +26,7 @@ from common import DiskCache, chunked_cached
 from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, ROOT, FakeServer, discover_scripts, files_under,
                       import_script, kill_when, prompt_score, repo_sources, run_script, train_args, training_rows,
                       unsafe_uses)
-from data_utils import DataError
+from sources import DataError
 from prompts import ANSWER_CUE, check_answer, check_head, check_step, judge_segments
 
 KILL_SEED = 8
@@ -435,6 +435,7 @@ def test_weights_are_saved_and_loaded_only_as_safetensors(train_setup, tiny_toke
     for folder in folders:
         names = set(os.listdir(folder))
         assert "model.safetensors" in names and not names & {"pytorch_model.bin", "model.pt", "model.bin"}
+        assert "training_args.json" in names and "training_args.bin" not in names  # the Trainer's pickle, as JSON
     from transformers.trainer_pt_utils import safe_globals
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):  # the Trainer's own state, loaded as on resume:
         with safe_globals():                                           # tensors and numpy arrays only

@@ -34,6 +34,9 @@ def test_processbench_f1_by_hand():
     m = metrics.processbench_f1(predicted=[1, 2, -1, -1, 0], reference=[1, 0, -1, 2, -1])
     assert m["acc_erroneous"] == pytest.approx(1 / 3) and m["acc_correct"] == pytest.approx(1 / 2)
     assert m["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    only_wrong = metrics.processbench_f1(predicted=[1, 0], reference=[1, 2])  # no correct solution to score
+    assert (only_wrong["acc_erroneous"], only_wrong["acc_correct"], only_wrong["f1"]) == (0.5, None, None)
+    assert metrics.processbench_f1(predicted=[-1, -1], reference=[0, -1])["f1"] == 0.0  # always "no error"
 
 
 def test_first_error_auroc_splits_first_errors_by_kind():

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import models
 from conftest import FakeServer, policy_reply
 from models import HTTPPolicy, LocalPolicy, PolicyError, load_model, sample
 from prompts import encode, policy_prompt, truncate_solution
@@ -102,3 +103,21 @@ def test_rows_grow_by_chunks_of_different_lengths_like_separate_forwards(tiny_to
                 if chunk:
                     alone = tiny_model(input_ids=torch.tensor([seen[r]])).logits[0, -1]
                     assert torch.allclose(logits[r], alone, atol=1e-5), (step, r)
+
+
+def test_hub_fingerprint_follows_the_commit_the_cache_resolved(tmp_path):
+    """A Hub id is fingerprinted by the snapshot its cached ref points to (a Hugging Face cache laid out by
+    hand: no network): when the Hub model is updated and loaded again, cached scores no longer apply."""
+    repo = tmp_path / "models--org--tiny"
+    for sha in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert models.hub_revision("org/tiny", cache_dir=tmp_path) == "a" * 40
+    first = models.fingerprint("org/tiny", cache_dir=tmp_path)
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert models.hub_revision("org/tiny", cache_dir=tmp_path) == "b" * 40
+    assert models.fingerprint("org/tiny", cache_dir=tmp_path) != first
+    assert models.hub_revision("org/absent", cache_dir=tmp_path) is None
+    assert models.hub_revision("no/such/local/folder", cache_dir=tmp_path) is None

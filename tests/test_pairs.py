@@ -1,12 +1,16 @@
-"""From step scores to pairs: aggregation, the first error, Step-DPO and whole-solution pairs, pair quality."""
+"""From step scores to pairs: aggregation, the first error, Step-DPO and whole-solution pairs, pair quality; pairs
+from a policy that answers in \\boxed{}."""
+import json
 import os
+import random
 
 import pytest
+import torch
 
 import pairs
-from common import atomic_write_jsonl
-from conftest import ROOT
-from data_utils import join_solution, load_problems, split_steps
+from common import DiskCache, atomic_write_jsonl
+from conftest import COMMITTED, ROOT
+from data_utils import answers_match, extract_answer, join_solution, load_problems, split_steps
 from task import find_equations, replace_equation
 
 
@@ -94,3 +98,65 @@ def test_pair_quality_counts_clean_pairs_slips_and_the_judges_chosen_auroc(tmp_p
     # the second pair's continuation repeats the gold steps after its slipped first step: wrong as a whole
     assert q == {"pairs": 2, "clean": 1, "prefix_right": 2, "chosen_right": 1, "rejected_wrong": 2,
                  "chosen_continuation_right": 1, "chosen_wrong_arithmetic_slip": 1, "chosen_score_auroc": 1.0}
+
+
+@pytest.fixture(scope="module")
+def boxed_policy(tmp_path_factory):
+    """The committed policy fine-tuned to end its solutions with '\\boxed{ x}' instead of '#### x', as
+    instruct models do: '\\boxed{' becomes one new token that starts from the embedding of '####', and only
+    the embeddings of it and of '}' learn, from the final line alone (its arithmetic stays as it was)."""
+    import sft
+    from models import load_model
+    from prompts import encode, policy_prompt
+
+    torch.manual_seed(0)
+    model, tok = load_model(os.path.join(COMMITTED, "policy"))
+    tok.add_tokens(["\\boxed{"])
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    new, close = len(tok) - 1, tok.convert_tokens_to_ids("}")
+    model.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[new] = emb[tok.convert_tokens_to_ids("####")]
+    emb.requires_grad_(True)
+    learns = torch.zeros(emb.shape[0], 1)
+    learns[[new, close]] = 1.0
+    emb.register_hook(lambda grad: grad * learns)
+    examples = []
+    for p in load_problems(os.path.join(ROOT, "data", "train.jsonl"))[:64]:
+        steps, final = split_steps(p["answer"], strip_calc=True)
+        prompt = encode(tok, policy_prompt(tok, p["question"], "boxed") + "\n".join(steps) + "\n")
+        line = encode(tok, f"\\boxed{{ {final}}}") + [tok.eos_token_id]
+        examples.append((prompt + line, [-100] * len(prompt) + line))
+    batches = sft.length_grouped_batches(examples, 16, random.Random(0))
+
+    def batch_loss(model, step):
+        ids, mask, labels = sft.collate(next(batches), tok.pad_token_id)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    sft.train_lm(model, batch_loss, 150, 2e-2, 5, 0.0, "boxed SFT")
+    folder = tmp_path_factory.mktemp("boxed") / "policy"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_boxed_policy_gets_pairs_and_the_same_grades_as_evaluation(boxed_policy, tmp_path):
+    import reward_model as rm
+    from prompts import answer_end
+
+    rm.main([f"--POLICY={boxed_policy}", f"--JUDGE={os.path.join(COMMITTED, 'judge')}", "--N_PROBLEMS=12", "--K=4",
+             "--CHUNK=12", "--RECTIFY_SAMPLES=2", "--MAX_NEW_TOKENS=120", "--ANSWER_STYLE=boxed",
+             f"--OUT_DIR={tmp_path / 'out'}", f"--CACHE_DIR={tmp_path / 'cache'}"])
+    judged = [json.loads(x) for x in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]
+    texts = [t for row in list(DiskCache(str(tmp_path / "cache" / "samples.jsonl")).entries.values())[:12] for t in row]
+    assert len(texts) == len(judged) == 48
+    # every sample stopped at its boxed answer, and was graded as evaluate.py grades it
+    assert sum(answer_end(t) == len(t) and t.endswith("}") and "\\boxed{" in t for t in texts) >= 30
+    graded = [answers_match(extract_answer(t), r["answer"]) for t, r in zip(texts, judged)]
+    assert graded == [r["correct"] for r in judged]
+    assert 0 < sum(r["correct"] for r in judged) < 48 and all(r["final"] for r in judged if r["correct"])
+    counts = json.loads((tmp_path / "out" / "counts.json").read_text())
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "step_pairs.jsonl").read_text().splitlines()]
+    assert counts["step_pairs"] == len(pairs) > 0
+    assert all("####" not in p["full_chosen"] and "\\boxed{" in p["full_chosen"] for p in pairs)

@@ -1,15 +1,40 @@
 """Prompts and their token packing."""
 import copy
 
+import pytest
 import torch
 
-from prompts import (additive_mask, answer_token_ids, chat_wrap, encode, judge_segments, left_pad, pack_judge,
-                     packed_batch, policy_prompt, step_prompt_ids, truncate_solution)
+from prompts import (additive_mask, answer_finished, answer_token_ids, chat_wrap, encode, judge_segments, left_pad,
+                     pack_judge, packed_batch, policy_prompt, step_prompt_ids, truncate_solution)
 
 
 def test_truncate_solution():
     assert truncate_solution("a = 1\nb = 2\n#### 3\nQuestion: more") == "a = 1\nb = 2\n#### 3"
     assert truncate_solution("no answer yet ") == "no answer yet"
+
+
+@pytest.mark.parametrize("text, finished, cut", [
+    ("a = 1\n#### 3", False, "a = 1\n#### 3"),                          # the '####' line may go on
+    ("a = 1\n#### 3\nQuestion: more", True, "a = 1\n#### 3"),
+    ("so #### is not a line\nb", False, "so #### is not a line\nb"),
+    ("So $x = \\boxed{\\frac{\\sqrt{3}}{2}", False, "So $x = \\boxed{\\frac{\\sqrt{3}}{2}"),  # still open
+    ("So $x = \\boxed{\\frac{\\sqrt{3}}{2}}$. Then more\ntext", True, "So $x = \\boxed{\\frac{\\sqrt{3}}{2}}$."),
+    ("\\[\\boxed{7}\\]\n#### 7\n", True, "\\[\\boxed{7}\\]"),                 # whichever ends first
+    ("a\n#### 7\nThe answer is \\boxed{7}.", True, "a\n#### 7"),
+])
+def test_answer_finished_and_truncate_in_either_style(text, finished, cut):
+    assert answer_finished(text) is finished
+    assert truncate_solution(text) == cut
+
+
+def test_boxed_policy_instruction(tiny_tokenizer):
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert policy_prompt(chat, "Q?", "boxed") == ("Solve the problem step by step. Write one step per line and put "
+                                                  "the final answer in \\boxed{}.\n\nQ?")
+    assert policy_prompt(tiny_tokenizer, "Q?", "boxed") == policy_prompt(tiny_tokenizer, "Q?")
+    with pytest.raises(SystemExit, match="--ANSWER_STYLE must be one of gsm8k, boxed"):
+        policy_prompt(chat, "Q?", "latex")
 
 
 def test_plain_prompts(tiny_tokenizer):

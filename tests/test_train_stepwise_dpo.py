@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 import batching as B
 import train_stepwise_dpo as T
 from conftest import FULL_ROWS, ROOT, STEP_ROWS, naive_logp, run_script, train_args, training_rows
-from data_utils import DataError
+from sources import DataError
 from models import load_model
 from prompts import encode, policy_prompt
 
@@ -284,3 +284,74 @@ def test_accelerate_configs_for_gpus_parse():
     assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
     # batch size, accumulation and clipping come from the script's own arguments ("auto" in DeepSpeed)
     assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(zero3.deepspeed_config)
+
+
+def test_plain_preference_rows_and_boxed_rows_become_features(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    row = {"prompt": STEP_ROWS[0]["prompt"], "chosen": "She has 12 + 3 = 15.\n#### 15", "rejected": "#### 16"}
+    f = T.build_features(tiny_tokenizer, row, "outcome")
+    assert f["chosen_ids"] == tiny_tokenizer(row["chosen"], add_special_tokens=False)["input_ids"] + [eos]
+    assert f["rejected_ids"] == tiny_tokenizer("#### 16", add_special_tokens=False)["input_ids"] + [eos]
+    assert f["chosen_weights"] == [1.0] * len(f["chosen_ids"])
+    boxed = dict(FULL_ROWS[1], chosen="Now she has 5 * 2 = 10 eggs. So \\boxed{10}.", rejected="x")
+    boxed["chosen_steps"] = ["Now she has 5 * 2 = 10 eggs. So \\boxed{10}."]
+    full = T.build_features(tiny_tokenizer, boxed, "weighted")   # no '#### 10' line after a boxed answer
+    assert tiny_tokenizer.decode(full["chosen_ids"][:-1]) == boxed["chosen_steps"][0] + "\n"
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    step = T.build_features(chat, STEP_ROWS[1], "step", style="boxed")
+    assert chat.decode(step["prompt_ids"]).startswith(policy_prompt(chat, STEP_ROWS[1]["prompt"], "boxed"))
+    assert "\\boxed{}" in chat.decode(step["prompt_ids"])
+
+
+def test_step_dpo_from_a_math_step_dpo_parquet_with_eval_and_tensorboard(train_setup, tmp_path):
+    """Math-Step-DPO-10K-shaped rows (the committed pairs, their answers in \\boxed{}, plus final-step pairs
+    that end in \\boxed{}) in a parquet file; TrainingArguments passed through: held-out evaluation every
+    step and TensorBoard events, written offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [json.loads(x) for x in open(os.path.join(ROOT, "results", "reference", "judged", "step_pairs.jsonl"))][:16]
+    rows = []
+    for r in pairs:
+        boxed = {k: r[k].replace(f"#### {r['answer']}", f"The answer is \\boxed{{{r['answer']}}}.")
+                 for k in ("full_chosen", "full_rejected")}
+        rows.append({"dataset": "bundled", **r, **boxed})
+        rows.append({"dataset": "bundled", **r, "initial_reason_steps": r["initial_reason_steps"] + r["chosen"],
+                     "chosen": f"The answer is \\boxed{{{r['answer']}}}.\n",
+                     "rejected": f"The answer is \\boxed{{{int(r['answer']) + 1}}}.\n"})
+    pq.write_table(pa.Table.from_pylist(rows[:24]), str(tmp_path / "train.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows[24:]), str(tmp_path / "eval.parquet"))
+    out = tmp_path / "run"
+    trainer_args = {"report_to": ["tensorboard"], "eval_strategy": "steps", "eval_steps": 1, "save_strategy": "no",
+                    "optim": "adamw_torch"}
+    trainer = T.main(train_args(train_setup, out, f"--DATA={tmp_path / 'train.parquet'}", "--ANSWER_STYLE=boxed",
+                                f"--EVAL_DATA={tmp_path / 'eval.parquet'}", "--BATCH_SIZE=8", "--MAX_STEPS=3",
+                                f"--CACHE_DIR={tmp_path / 'cache'}", f"--TRAINER_ARGS={json.dumps(trainer_args)}"))
+    assert trainer.args.optim == "adamw_torch" and trainer.args.report_to == ["tensorboard"]
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in logged if "rewards/margins" in r] == [1, 2, 3]
+    assert all("rewards/margins" not in r for r in logged if "eval_loss" in r)
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 100
+    config = json.loads((out / "config.json").read_text())
+    assert config["TRAINER_ARGS"] == trainer_args and config["n_pairs"] == 24 and config["ANSWER_STYLE"] == "boxed"
+    saved = json.loads((out / "model" / "training_args.json").read_text())
+    assert saved["eval_strategy"] == "steps" and not (out / "model" / "training_args.bin").exists()
+
+
+def test_outcome_trains_on_a_plain_trl_preference_file(train_setup, tmp_path):
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"].replace("x\n", "\n".join(r["chosen_steps"]) + "\n"),
+             "rejected": r["rejected"].replace("x\n", "\n".join(r["rejected_steps"]) + "\n")} for r in FULL_ROWS]
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    T.main(train_args(train_setup, tmp_path / "run", f"--DATA={tmp_path / 'trl.jsonl'}", "--MODE=outcome",
+                      "--BATCH_SIZE=4", "--MAX_STEPS=2", f"--CACHE_DIR={tmp_path / 'cache'}"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["n_pairs"] == 8 and math.isfinite(summary["train_loss"])
+
+
+def test_trainer_args_unknown_field_is_refused(train_setup, tmp_path):
+    with pytest.raises(SystemExit, match="^--TRAINER_ARGS: TrainingArguments has no field 'reprot_to'$"):
+        T.main(train_args(train_setup, tmp_path / "run", '--TRAINER_ARGS={"reprot_to": ["tensorboard"]}'))
+    assert not (tmp_path / "run").exists()
