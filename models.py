@@ -172,9 +172,10 @@ def sample_seed(prompt_seed, j):
     return prompt_seed * 1_000_003 + j
 
 
-def _pick_tokens(logits, temperature, top_p, generators):
-    """Next token per row: argmax when temperature is 0, else top-p sampling with one uniform draw per row
-    from that row's own generator (so a row's sample does not depend on what else is in the batch)."""
+def _pick_tokens(logits, temperature, top_p, uniforms=None):
+    """Next token per row: argmax when temperature is 0, else top-p sampling that turns one uniform number
+    per row (drawn from that row's own generator, so that a row's sample does not depend on what else is in
+    the batch) into a token."""
     import torch
 
     if temperature <= 0:
@@ -185,17 +186,18 @@ def _pick_tokens(logits, temperature, top_p, generators):
     keep = (cdf - sorted_probs) < top_p           # always keeps the most likely token
     sorted_probs = sorted_probs * keep
     cdf = sorted_probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
-    idx = (cdf < u[:, None]).sum(-1).clamp(max=cdf.shape[1] - 1)
+    idx = (cdf < (uniforms * cdf[:, -1])[:, None]).sum(-1).clamp(max=cdf.shape[1] - 1)
     return order.gather(1, idx[:, None]).squeeze(1)
 
 
 def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=200, batch_size=64,
            seed=0, seeds=None, desc="sampling", progress=True):
-    """n completions per prompt, as lists of strings (truncated after the final-answer line).
+    """n completions per prompt, as lists of strings (truncated after the final answer).
 
-    Sample j of prompt i draws from a generator seeded by sample_seed(seeds[i], j) (default seeds[i] =
-    seed + i), so results do not depend on batch size or order. Left padding with explicit position ids."""
+    Sample j of prompt i draws its uniform numbers from a generator seeded by sample_seed(seeds[i], j)
+    (default seeds[i] = seed + i), one per generated token, so results do not depend on batch size or order.
+    Left padding with explicit position ids; a row that has finished (EOS, or its final answer, checked
+    every 16 tokens) leaves the batch and its KV cache, so the rest run on fewer rows."""
     import torch
     from tqdm import tqdm
 
@@ -208,26 +210,31 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(sample_seed(seeds[i], j)) for i, j in batch]
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
+            sample_seed(seeds[i], j))) for i, j in batch]) if temperature > 0 else None
         ids, mask = left_pad([encoded[i] for i, _ in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long)
-        done = torch.zeros(len(batch), dtype=torch.bool)
+        live = torch.arange(len(batch))              # the rows still writing, as indices into the batch
         with torch.no_grad():
             result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1)
             for t in range(max_new_tokens):
-                next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p, gens)
-                next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
-                generated[:, t] = next_ids
-                done |= next_ids == eos
+                next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p,
+                                        uniforms[live, t] if uniforms is not None else None)
+                generated[live, t] = next_ids
+                finished = next_ids == eos
                 if t % 16 == 15:  # a solution also ends at its final answer, whatever follows it
-                    texts = tokenizer.batch_decode(generated[:, : t + 1], skip_special_tokens=True)
-                    done |= torch.tensor([answer_finished(s) for s in texts])
-                if bool(done.all()):
+                    texts = tokenizer.batch_decode(generated[live, : t + 1], skip_special_tokens=True)
+                    finished |= torch.tensor([answer_finished(s) for s in texts])
+                if bool(finished.all()):
                     break
-                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
+                if bool(finished.any()):
+                    keep = (~finished).nonzero().squeeze(1)
+                    live, next_ids, mask, positions = live[keep], next_ids[keep], mask[keep], positions[keep]
+                    result.cache.batch_select_indices(keep.to(device))
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
                 positions = positions[:, -1:] + 1
                 result = model(input_ids=next_ids[:, None].to(device), attention_mask=mask,
                                position_ids=positions, cache=result.cache, use_cache=True)

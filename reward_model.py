@@ -218,8 +218,9 @@ class LocalCheckJudge(LocalJudge):
                 writing = [r for r in live if r not in ended]
                 if not writing:
                     break
+                uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in writing]) if self.votes > 1 else None
                 next_ids = _pick_tokens(logits[writing].float().cpu(), self.temperature if self.votes > 1 else 0,
-                                        1.0, [gens[r] for r in writing]).tolist()
+                                        1.0, uniforms).tolist()
                 chunks = [[] for _ in batch]
                 for r, t in zip(writing, next_ids):
                     if t == tok.eos_token_id:

@@ -131,10 +131,10 @@ def plain_checks(model, tok, question, steps, max_tokens):
 
 def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(check_judge):
     model, tok = check_judge
-    judge = rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=3, max_tokens=16)
+    judge = rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=3, max_tokens=32)
     batched = judge.score(ITEMS)
     for (question, steps), got in zip(ITEMS, batched):
-        scores, checks = plain_checks(model, tok, question, steps, 16)
+        scores, checks = plain_checks(model, tok, question, steps, 32)
         assert got["checks"] == checks and got["scores"] == pytest.approx(scores, abs=1e-5)
         assert judge.score([(question, steps)])[0]["checks"] == checks
     written = [s for r in batched for s in r["scores"]]
@@ -146,18 +146,18 @@ def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(chec
 
 def test_check_votes_average_sampled_checks_whatever_the_batch(check_judge):
     model, tok = check_judge
-    votes = [rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=16, votes=3, temperature=1.0,
+    votes = [rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=32, votes=3, temperature=1.0,
                                 seed=4).score(ITEMS) for b in (2, 12)]
     for a, b in zip(*votes):                        # the same checks; scores to float rounding
         assert a["checks"] == b["checks"] and a["scores"] == pytest.approx(b["scores"], abs=1e-6)
-    judge = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=16, votes=3, temperature=1.0, seed=4)
+    judge = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=3, temperature=1.0, seed=4)
     for item, got in zip(ITEMS, votes[0]):
         rows = [judge.check_batch([(item, rm.cache_key(4, *item, v))]) for v in range(3)]
         assert got["checks"] == [checks[0] for _, checks in rows]
         for k in range(len(item[1])):
             scored = [scores[0][k] for scores, _ in rows if scores[0][k] is not None]
             assert got["scores"][k] == (pytest.approx(sum(scored) / len(scored), abs=1e-5) if scored else None)
-    one = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=16, votes=1).score(ITEMS)
+    one = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=1).score(ITEMS)
     assert any(v["checks"][0] != o["checks"] for v, o in zip(votes[0], one))   # sampled, not greedy
 
 
