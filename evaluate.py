@@ -34,7 +34,7 @@ MODEL = "models/policy"   # local folder, Hub id, or a .gguf file
 JUDGE = "models/judge"    # judge for best-of-K reranking ("" = none); folder, Hub id, .gguf or http:// URL
 JUDGE_MODEL_NAME = ""     # model name sent to a judge server
 JUDGE_TOKENIZER = ""      # judge server: tokenizer whose chat template renders the prompt ("" = plain)
-JUDGE_MODE = "one_pass"   # check (the judge writes a check of each step first) | one_pass; the other judge
+JUDGE_MODE = "check"      # check (the judge writes a check of each step first) | one_pass; the other judge
                           # settings are reward_model.py's defaults (make_judge)
 TEST_FILE = "data/test.jsonl"   # a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT (sources.py)
 STEP_DELIMITER = "newline"     # how samples split into steps: newline | blank_line | step | markdown_step
@@ -259,6 +259,7 @@ def main(argv):
                 "n_problems": len(problems),
                 "n_steps": quality["n_steps"], "n_wrong_steps": quality["n_wrong_steps"],
                 "unparseable": quality["unparseable"], "policy": cfg["MODEL"], "judge": judge.id,
+                "judge_mode": cfg["JUDGE_MODE"],
                 "threshold": cfg["THRESHOLD"], "seed": cfg["SEED"], "temperature": cfg["TEMPERATURE"],
                 "command": command_line(__file__, argv)})
     metrics["seconds"] = round(time.time() - t0, 1)

@@ -45,8 +45,9 @@ FIRST_PROBLEM = PAIRS_POOL[0]  # the pairs pool: problems the policy was never s
 N_PROBLEMS = PAIRS_POOL[1] - PAIRS_POOL[0]
 K = 8                         # samples per problem
 SAMPLE_TEMPERATURE = 0.7
-THRESHOLD = 0.9               # judge score under which a step is wrong (locates the error of a wrong sample)
+THRESHOLD = 0.5               # judge score under which a step is wrong, as in reward_model.py and evaluate.py
 TRAIN_STEPS = 150             # optimizer updates per training run (batch 32), the same for every method
+PAIR_ARGS = []                # extra --KEY=value for reward_model.py, for the judge's and the oracle's pairs alike
 TRAIN_ARGS = []               # extra --KEY=value for every training run (e.g. ["--LR=1e-4"])
 METHOD_ARGS = {}              # extra --KEY=value per method, e.g. {"step_dpo": ["--BETA=0.1"]}
 EVAL_BATCH = 128
@@ -65,9 +66,11 @@ TRAINING = {  # method -> (pairs file, trainer overrides)
 def make_pairs(cfg, runner, name, judge):
     """reward_model.py on the pairs pool with `judge`; samples are cached, so both pair sets share them."""
     out = os.path.join(cfg["RUN_DIR"], name)
-    runner.run(f"pairs_{name}", "reward_model.py", [ f"--POLICY={cfg['POLICY']}", f"--JUDGE={judge}", f"--TRAIN_FILE={cfg['TRAIN_FILE']}",
-         f"--FIRST_PROBLEM={cfg['FIRST_PROBLEM']}", f"--N_PROBLEMS={cfg['N_PROBLEMS']}", f"--K={cfg['K']}",
-         f"--TEMPERATURE={cfg['SAMPLE_TEMPERATURE']}", f"--THRESHOLD={cfg['THRESHOLD']}", f"--OUT_DIR={out}"])
+    runner.run(f"pairs_{name}", "reward_model.py", [
+        f"--POLICY={cfg['POLICY']}", f"--JUDGE={judge}", f"--TRAIN_FILE={cfg['TRAIN_FILE']}",
+        f"--FIRST_PROBLEM={cfg['FIRST_PROBLEM']}", f"--N_PROBLEMS={cfg['N_PROBLEMS']}", f"--K={cfg['K']}",
+        f"--TEMPERATURE={cfg['SAMPLE_TEMPERATURE']}", f"--THRESHOLD={cfg['THRESHOLD']}", f"--OUT_DIR={out}",
+        *cfg["PAIR_ARGS"]])
     with open(os.path.join(out, "counts.json")) as f:
         return json.load(f)
 

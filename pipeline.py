@@ -19,7 +19,8 @@ import sys
 import time
 
 from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv
-from data_utils import PAIRS_POOL
+from data_utils import PAIRS_POOL, TRAIN_FILE
+from pairs import pair_quality
 
 # ----------------------------------------------------------------------------- tunables
 RUN_DIR = "results/reference"
@@ -64,7 +65,9 @@ def read_json(path):
 
 
 def rounds_record(cfg):
-    """Per round: its problems, step and whole-solution pairs, and the greedy accuracy of the policy it trained."""
+    """Per round: its problems, step and whole-solution pairs, the greedy accuracy of the policy it trained,
+    and how many of its step pairs the task's reference step labels agree with (pairs.pair_quality: a
+    diagnostic that training never reads)."""
     run, rows = cfg["RUN_DIR"], []
     for r in range(1, cfg["ROUNDS"] + 1):
         counts = read_json(f"{run}/round{r}/judged/counts.json")
@@ -72,7 +75,8 @@ def rounds_record(cfg):
         first = PAIRS_POOL[0] + (r - 1) * cfg["N_PROBLEMS"]
         rows.append({"round": r, "problems": [first, first + cfg["N_PROBLEMS"]], "step_pairs": counts["step_pairs"],
                      "full_pairs": counts["full_pairs"],
-                     "greedy_acc": read_json(f"{evaluated}/metrics.json")["greedy_acc"]})
+                     "greedy_acc": read_json(f"{evaluated}/metrics.json")["greedy_acc"],
+                     "step_pair_quality": pair_quality(f"{run}/round{r}/judged/step_pairs.jsonl", TRAIN_FILE)})
     return rows
 
 

@@ -239,11 +239,13 @@ def main(argv):
             served_judge = make_judge(server.url, settings | {"JUDGE_MODEL_NAME": cfg["SERVER_MODEL_NAME"],
                                                               "HTTP_TIMEOUT": 120.0, "JUDGE_LOGPROBS": cfg["JUDGE_LOGPROBS"]})
             remote = served_judge.score(items)
-            local = [r["step_scores"] for r in rows] if mode == cfg["JUDGE_MODE"] else \
-                [r["scores"] for r in make_judge(model, settings).score(items)]
-            agreement[mode] = compare_judges(local, [r["scores"] for r in remote], spearman)
-            if mode == "check":
-                agreement[mode]["checks"] = [r["raw"] for r in remote][:2]
+            local = [{"scores": r["step_scores"]} for r in rows] if mode == cfg["JUDGE_MODE"] else \
+                make_judge(model, settings).score(items)
+            agreement[mode] = compare_judges([r["scores"] for r in local], [r["scores"] for r in remote], spearman)
+            if mode == "check":   # greedy checks: the same text from both, up to the last bits of the logits
+                pairs = [(a, b) for lo, re in zip(local, remote) for a, b in zip(lo["checks"], re["checks"])]
+                agreement[mode]["same_checks"] = sum(a == b for a, b in pairs)
+                agreement[mode]["examples"] = [{"local": a, "server": b} for a, b in pairs[:2]]
             runner.seconds[f"{mode}_agreement"] = round(time.time() - t, 1)
     result = {
         "model": os.path.basename(model),

@@ -61,7 +61,7 @@ JUDGE_HIDDEN = 192
 JUDGE_LAYERS = 4
 JUDGE_HEADS = 6
 JUDGE_MLP = 512
-JUDGE_STEPS = 1000
+JUDGE_STEPS = 1200
 JUDGE_BATCH = 32
 JUDGE_LR = 1e-3
 CORRUPT_PROB = 0.5        # share of gold-derived judge examples drawn from a corrupted solution
@@ -69,14 +69,16 @@ SAMPLE_PROB = 0.5         # share of judge examples drawn from the policy's own 
 JUDGE_SAMPLE_PROBLEMS = 2000  # policy samples of the first problems (inside the policy's gold set, so
 JUDGE_SAMPLE_K = 4            # disjoint from the pairs pool of reward_model.py) labelled by the checker
 JUDGE_SAMPLE_TEMPERATURE = 0.7
-JUDGE_SFT_BATCH = 16      # gold solutions per step the judge also learns to write (GenRM's joint training:
-                          # the dense next-token signal teaches it the arithmetic it must verify)
+JUDGE_SFT_BATCH = 0       # gold solutions per step the judge also learns to write (GenRM's joint training; a one-pass
+                          # judge needs its dense next-token signal, a checking judge has its checks and drills)
 JUDGE_HELD_OUT = list(PAIRS_POOL)  # [first, end) of the training problems the judge never learns from
-JUDGE_MODE = "one_pass"   # check: it learns to write a check of each step before its answer (GenRM-CoT); the
+JUDGE_MODE = "check"      # check: it learns to write a check of each step before its answer (GenRM-CoT); the
                           # checks in its training data are written from the reference solution (task.check_text)
                           # one_pass: it learns to answer right after each step
-JUDGE_MAX_LEN = 320       # tokens of one judge example (a checked solution is about twice the solution)
-JUDGE_DRILL_STEPS = 1500  # check mode: steps of arithmetic drills alone before the checks ('Check: 34 + 12 = 46',
+JUDGE_MAX_LEN = 768       # tokens of one judge example (a checked solution is about 2.5 times the solution)
+JUDGE_ANSWER_WEIGHT = 20.0  # check mode: loss weight of the Yes/No answer against a token of the check (the answer
+                            # is one token in twenty; unweighted, it learned to agree with almost every step)
+JUDGE_DRILL_STEPS = 2000  # check mode: steps of arithmetic drills alone before the checks ('Check: 34 + 12 = 46',
 JUDGE_DRILL_BATCH = 16    # the result learned; task.drill_equation), and drill sequences per step in both phases:
 DRILL_LINES = 16          # the computation its checks make, as a dense target; drills per sequence
 # shared optimizer details
@@ -300,12 +302,14 @@ def build_judge(cfg, tokenizer, problems):
     print_json({"judge_policy_samples": len(samples), "with_a_wrong_step": n_wrong})
     checks = cfg["JUDGE_MODE"] == "check"
     tokenizer = with_answer_tokens(tokenizer, cfg["JUDGE_MODE"])
+    answers = torch.tensor([tokenizer(check_answer(ok), add_special_tokens=False)["input_ids"][0] for ok in (True, False)])
 
     def example(p, steps):
         labels = label_steps(p["answer"], steps)
         if checks:
             gold = gold_steps[p["question"]]
-            return check_example(tokenizer, p["question"], steps, labels, [check_text(gold, k, s) for k, s in enumerate(steps)])
+            return check_example(tokenizer, p["question"], steps, labels,
+                                 [check_text(gold, k, s) for k, s in enumerate(steps)])
         return judge_example(tokenizer, p["question"], steps, labels)
 
     def draw():
@@ -331,7 +335,11 @@ def build_judge(cfg, tokenizer, problems):
                 batch.append(ex)
         if checks:
             ids, mask, labels = collate(batch, tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            logits, targets = model(input_ids=ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                       reduction="none").view(targets.shape)
+            weights = (targets != -100) * (1 + (cfg["JUDGE_ANSWER_WEIGHT"] - 1) * torch.isin(targets, answers))
+            loss = (losses * weights).sum() / weights.sum()
         else:
             ids, pos, mask = packed_batch([p for p, _ in batch], tokenizer.pad_token_id)
             rows = torch.tensor([r for r, (p, _) in enumerate(batch) for _ in p[3]])
@@ -361,7 +369,8 @@ POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "
                "POLICY_STEPS", "POLICY_BATCH", "POLICY_LR"]
 JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
               "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH", "SAMPLE_PROB", "JUDGE_SAMPLE_PROBLEMS",
-              "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE", "JUDGE_HELD_OUT"]
+              "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE", "JUDGE_HELD_OUT", "JUDGE_MODE", "JUDGE_MAX_LEN",
+              "JUDGE_ANSWER_WEIGHT", "JUDGE_DRILL_STEPS", "JUDGE_DRILL_BATCH", "DRILL_LINES"]
 SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
 
 

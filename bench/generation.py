@@ -9,9 +9,8 @@ token-for-token the same solutions (asserted), so the comparison is of the same 
 compared. A row records the generated tokens per second of each, the speedup, and the share of each one's
 time spent outside the model's forward (a forward pre- and post-hook times every call). Models: the bundled
 policy and a randomly initialised ~30M-parameter Llama-style model with the same tokenizer (speed does not
-depend on the weights). A solution ends at EOS or its final-answer line for us; model.generate knows only
-EOS and the token limit, so its outputs are cut after the final-answer line before they are compared, and
-the tokens it generated past that line count for neither side.
+depend on the weights). A solution ends at EOS or at its final answer, checked every 16 tokens, for both:
+model.generate gets a StoppingCriteria that checks the same way (prompts.answer_finished).
 """
 import os
 import sys
@@ -23,14 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, command_line, config_from_argv, print_json  # noqa: E402
 from data_utils import load_problems  # noqa: E402
 from models import load_model, sample  # noqa: E402
-from prompts import encode, policy_prompt, truncate_solution  # noqa: E402
+from prompts import answer_finished, encode, policy_prompt, truncate_solution  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
 TEST_FILE = "data/test.jsonl"
 OUT_FILE = "results/bench/generation.json"
 N_PROMPTS = {"bundled": 256, "llama-30M": 64}   # prompts per model
-BATCH = {"bundled": 256, "llama-30M": 64}       # rows per batch, for both (the pipeline's batch for the bundled one)
+BATCHES = {"bundled": [64, 256], "llama-30M": [64]}  # rows per batch, for both (64: the pipeline's batch size)
 MAX_NEW_TOKENS = 200
 TEMPERATURE = 0.7
 REPEATS = 2               # best of REPEATS timings
@@ -52,6 +51,22 @@ def ours(model, tokenizer, prompts, batch, temperature, max_new_tokens):
                   batch_size=batch, seed=0, progress=False)
 
 
+def answer_stop(tokenizer, prompt_width):
+    """A StoppingCriteria for model.generate: a row is done at its final answer, checked every 16 tokens, as
+    our sampler checks (EOS it handles itself)."""
+    import transformers
+
+    class AnswerStop(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            written = input_ids.shape[1] - prompt_width
+            if written % 16:
+                return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor([answer_finished(t) for t in texts], device=input_ids.device)
+
+    return transformers.StoppingCriteriaList([AnswerStop()])
+
+
 def theirs(model, tokenizer, prompts, batch, temperature, max_new_tokens):
     """model.generate, left-padded batches in the same order as ours (longest prompts first)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(encode(tokenizer, prompts[i])))
@@ -63,7 +78,8 @@ def theirs(model, tokenizer, prompts, batch, temperature, max_new_tokens):
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature else \
             {"do_sample": False}
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **kwargs)
+                             eos_token_id=tokenizer.eos_token_id,
+                             stopping_criteria=answer_stop(tokenizer, enc["input_ids"].shape[1]), **kwargs)
         for i, row in zip(index, ids[:, enc["input_ids"].shape[1]:].tolist()):
             out[i] = [truncate_solution(tokenizer.decode(row, skip_special_tokens=True))]
     return out
@@ -72,6 +88,28 @@ def theirs(model, tokenizer, prompts, batch, temperature, max_new_tokens):
 def tokens_of(tokenizer, texts):
     """Generated tokens of solutions cut after their final-answer line, EOS counted as one."""
     return sum(len(tokenizer(t[0], add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+
+def measure(cfg, name, model, clock, tokenizer, prompts, batch, temperature):
+    """One row: both systems on the same prompts, alternating REPEATS times, each one's fastest run."""
+    timing, outputs = {"ours": [], "generate": []}, {}
+    for _ in range(cfg["REPEATS"]):
+        for system, fn in (("ours", ours), ("generate", theirs)):
+            clock.seconds = 0.0
+            t = time.perf_counter()
+            with torch.no_grad():
+                outputs[system] = fn(model, tokenizer, prompts, batch, temperature, cfg["MAX_NEW_TOKENS"])
+            timing[system].append((time.perf_counter() - t, clock.seconds))
+    if not temperature:
+        assert outputs["ours"] == outputs["generate"], "greedy outputs differ"
+    row = {"model": name, "temperature": temperature, "prompts": len(prompts), "batch": batch}
+    for system in ("ours", "generate"):
+        seconds, in_forward = min(timing[system])
+        row[f"{system}_tokens_per_s"] = round(tokens_of(tokenizer, outputs[system]) / seconds, 1)
+        row[f"{system}_outside_forward"] = round(1 - in_forward / seconds, 3)
+    row["speedup"] = round(row["ours_tokens_per_s"] / row["generate_tokens_per_s"], 2)
+    print_json(row)
+    return row
 
 
 def main(argv):
@@ -89,27 +127,9 @@ def main(argv):
     for name, model in (("bundled", policy), ("llama-30M", big)):
         clock = ForwardClock(model)
         prompts = [policy_prompt(tokenizer, p["question"]) for p in problems[: cfg["N_PROMPTS"][name]]]
-        for temperature in (0.0, cfg["TEMPERATURE"]):
-            timing = {"ours": [], "generate": []}
-            outputs = {}
-            for _ in range(cfg["REPEATS"]):
-                for system, fn in (("ours", ours), ("generate", theirs)):
-                    clock.seconds = 0.0
-                    t = time.perf_counter()
-                    with torch.no_grad():
-                        outputs[system] = fn(model, tokenizer, prompts, cfg["BATCH"][name], temperature,
-                                             cfg["MAX_NEW_TOKENS"])
-                    timing[system].append((time.perf_counter() - t, clock.seconds))
-            if not temperature:
-                assert outputs["ours"] == outputs["generate"], "greedy outputs differ"
-            row = {"model": name, "temperature": temperature, "prompts": len(prompts), "batch": cfg["BATCH"][name]}
-            for system in ("ours", "generate"):
-                seconds, in_forward = min(timing[system])
-                row[f"{system}_tokens_per_s"] = round(tokens_of(tokenizer, outputs[system]) / seconds, 1)
-                row[f"{system}_outside_forward"] = round(1 - in_forward / seconds, 3)
-            row["speedup"] = round(row["ours_tokens_per_s"] / row["generate_tokens_per_s"], 2)
-            print_json(row)
-            rows.append(row)
+        for batch in cfg["BATCHES"][name]:
+            for temperature in (0.0, cfg["TEMPERATURE"]):
+                rows.append(measure(cfg, name, model, clock, tokenizer, prompts, batch, temperature))
     atomic_write_json(cfg["OUT_FILE"], {"rows": rows, "max_new_tokens": cfg["MAX_NEW_TOKENS"],
                                         "threads": cfg["THREADS"], "device": "cpu", "torch": torch.__version__,
                                         "command": command_line(__file__, argv)})

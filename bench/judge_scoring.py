@@ -1,4 +1,5 @@
-"""Judge scoring speed: all steps of a solution in one packed forward vs one prompt per step.
+"""Judge scoring speed: all steps of a solution in one packed forward vs one prompt per step, and what the
+generative mode (a check written before each answer) costs against the one-pass mode.
 
     python bench/judge_scoring.py            # -> results/bench/judge_scoring.json
 
@@ -7,9 +8,12 @@ packed, or BATCH step prompts), and their scores are compared. The packed path b
 similar length together; the per-step path batches the step prompts in the order they arise (solution by
 solution). Each row records the tokens each path runs, padding included and not, so the share of the
 speedup that comes from padding is visible. The two paths alternate REPEATS times and each one's fastest
-time counts (the machine's speed drifts between runs). Models: the bundled judge and a randomly
-initialised ~30M-parameter Llama-style model with the same tokenizer (speed does not depend on the
-weights). Solutions come from the bundled test set, cut to exactly 2, 4 and 8 steps.
+time counts (the machine's speed drifts between runs). The generative mode (reward_model.LocalCheckJudge,
+greedy checks of at most CHECK_TOKENS tokens) runs on the same solutions; its row records steps per second
+and the tokens the judge wrote per step. Models: the bundled judge and a randomly initialised ~30M-parameter
+Llama-style model with the same tokenizer (speed does not depend on the weights, but the length of a check
+does: the random model never writes the answer cue, so each of its checks runs to CHECK_TOKENS, the most a
+check can cost). Solutions come from the bundled test set, cut to exactly 2, 4 and 8 steps.
 """
 import os
 import sys
@@ -23,7 +27,7 @@ from common import atomic_write_json, command_line, config_from_argv, print_json
 from data_utils import load_problems, split_steps  # noqa: E402
 from models import load_model  # noqa: E402
 from prompts import pack_judge, step_prompt_ids  # noqa: E402
-from reward_model import LocalJudge  # noqa: E402
+from reward_model import LocalCheckJudge, LocalJudge  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 JUDGE = "models/judge"
@@ -33,6 +37,7 @@ STEPS = [2, 4, 8]
 N_SOLUTIONS = 64          # solutions per setting
 BATCH = 16                # rows per forward, for both paths
 REPEATS = 3               # best of REPEATS timings
+CHECK_TOKENS = 48         # most tokens of one check in the generative mode
 THREADS = 2
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
@@ -85,6 +90,7 @@ def main(argv):
     rows = []
     for name, model in models.items():
         judge = LocalJudge(model, tokenizer, cfg["JUDGE"], batch_size=cfg["BATCH"])
+        checker = LocalCheckJudge(model, tokenizer, cfg["JUDGE"], batch_size=cfg["BATCH"], max_tokens=cfg["CHECK_TOKENS"])
         for n in cfg["STEPS"]:
             items = solutions_with_steps(problems, n, cfg["N_SOLUTIONS"])
             (t_packed, t_step), (packed, per_step) = timed(
@@ -95,13 +101,19 @@ def main(argv):
                                          cfg["BATCH"])
             diff = max(abs(a - b) for x, y in zip(packed, per_step) for a, b in zip(x["scores"], y["scores"]))
             total = n * len(items)
+            (t_check,), (checked,) = timed([partial(checker.score, items)], 1)
+            written = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for r in checked for c in r["checks"])
             row = {"steps": n, "model": name, "packed_per_s": round(total / t_packed, 1),
                    "per_step_per_s": round(total / t_step, 1), "speedup": round(t_step / t_packed, 2),
                    "max_abs_diff": diff, "packed_tokens": packed_tokens[0], "per_step_tokens": per_step_tokens[0],
-                   "packed_real_tokens": packed_tokens[1], "per_step_real_tokens": per_step_tokens[1]}
+                   "packed_real_tokens": packed_tokens[1], "per_step_real_tokens": per_step_tokens[1],
+                   "check_per_s": round(total / t_check, 1), "one_pass_vs_check": round(t_check / t_packed, 1),
+                   "check_tokens_per_step": round(written / total, 1),
+                   "checks_cut": sum(s is None for r in checked for s in r["scores"])}
             print_json(row)
             rows.append(row)
     atomic_write_json(cfg["OUT_FILE"], {"rows": rows, "batch": cfg["BATCH"], "n_solutions": cfg["N_SOLUTIONS"],
+                                        "check_tokens": cfg["CHECK_TOKENS"],
                                         "threads": cfg["THREADS"], "device": "cpu", "torch": torch.__version__,
                                         "command": command_line(__file__, argv)})
 

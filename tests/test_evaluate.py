@@ -73,7 +73,7 @@ def test_processbench_with_reference_labels_and_an_always_yes_judge(tmp_path):
     assert labels["mean_f1"] == 1.0 and labels["judge"].startswith("labels@")
     assert json.loads((tmp_path / "labels" / "processbench.json").read_text())["splits"]["gsm8k"]["f1"] == 1.0
     with FakeServer(score=lambda prompt: 0.99) as server:   # a served judge that accepts every step
-        yes = evaluate.main([*common, f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=yes",
+        yes = evaluate.main([*common, f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=yes", "--JUDGE_MODE=one_pass",
                              f"--OUT_DIR={tmp_path / 'yes'}"])
     # it never finds an error: right on every correct solution, wrong on every erroneous one, F1 = 0
     assert (yes["splits"]["gsm8k"]["acc_correct"], yes["splits"]["gsm8k"]["acc_erroneous"]) == (1.0, 0.0)

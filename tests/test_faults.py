@@ -233,7 +233,7 @@ def test_unparseable_replies_are_counted_and_never_guessed(server, served, tmp_p
     reference, _ = served["one_pass"]
     folder = with_samples(tmp_path / "run", reference)
     server.default = lambda body: "perhaps" if prompt_score(body["prompt"]) < 0.3 else "ok"
-    rm.main(served_args(server, folder))
+    rm.main(served_args(server, folder, "--JUDGE_MODE=one_pass"))
     judged = [json.loads(x) for x in (folder / "out" / "judged.jsonl").read_text().splitlines()]
     counts = json.loads((folder / "out" / "counts.json").read_text())
     n_none = 0

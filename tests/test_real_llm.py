@@ -94,6 +94,17 @@ def test_served_judge_agrees_with_the_transformers_judge(smoke):
     assert result["hf_vs_server_spearman"] >= 0.9
 
 
+def test_served_check_judge_writes_the_local_judges_checks(smoke):
+    """The generative judge over llama.cpp's completions API (the check from one completion stopped at the
+    answer cue, P(Yes) from the log-probabilities after it) against the same model run by transformers."""
+    result, _ = smoke
+    agreement = result["judge_agreement"]["check"]
+    assert agreement["steps"] >= 8 and agreement["same_checks"] >= agreement["steps"] // 2
+    assert agreement["unscored_server"] == agreement["unscored_local"]   # a check that never answers is None
+    if agreement["both_scored"] >= 3:
+        assert agreement["max_abs_score_diff"] < 0.15
+
+
 def test_served_policy_samples_and_judges(smoke):
     result, folder = smoke
     counts = result["counts"]["served"]

@@ -202,7 +202,8 @@ def test_reward_model_with_served_policy_and_judge(tmp_path):
 def check_served_run(server, tmp_path):
     args = [f"--POLICY={server.url}", "--POLICY_MODEL_NAME=pol", f"--JUDGE={server.url}", "--JUDGE_MODEL_NAME=jud",
             "--N_PROBLEMS=3", "--K=3", "--CHUNK=2", "--HTTP_WORKERS=2", "--JUDGE_LOGPROBS=20",
-            "--REJECTED_FROM_WRONG=False",  # the fake judge accepts every step: no pairs, no rectification
+            "--REJECTED_FROM_WRONG=False", "--JUDGE_MODE=one_pass",  # the fake judge accepts every step: no
+            # pairs, no rectification
             f"--OUT_DIR={tmp_path}/out", f"--CACHE_DIR={tmp_path}/cache"]
     rm.main(args)
     judged = [json.loads(x) for x in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]
