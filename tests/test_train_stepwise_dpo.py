@@ -311,7 +311,8 @@ def test_step_dpo_from_a_math_step_dpo_parquet_with_eval_and_tensorboard(train_s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pairs = [json.loads(x) for x in open(os.path.join(ROOT, "results", "reference", "judged", "step_pairs.jsonl"))][:16]
+    committed = os.path.join(ROOT, "results", "reference", "round1", "judged", "step_pairs.jsonl")
+    pairs = [json.loads(x) for x in open(committed)][:16]
     rows = []
     for r in pairs:
         boxed = {k: r[k].replace(f"#### {r['answer']}", f"The answer is \\boxed{{{r['answer']}}}.")
