@@ -242,9 +242,10 @@ def main(argv):
             local = [{"scores": r["step_scores"]} for r in rows] if mode == cfg["JUDGE_MODE"] else \
                 make_judge(model, settings).score(items)
             agreement[mode] = compare_judges([r["scores"] for r in local], [r["scores"] for r in remote], spearman)
-            if mode == "check":   # greedy checks: the same text from both, up to the last bits of the logits
+            if mode == "check":   # greedy checks: the Q4 server and the dequantized local model part ways
                 pairs = [(a, b) for lo, re in zip(local, remote) for a, b in zip(lo["checks"], re["checks"])]
                 agreement[mode]["same_checks"] = sum(a == b for a, b in pairs)
+                agreement[mode]["common_start_chars"] = [len(os.path.commonprefix([a, b])) for a, b in pairs]
                 agreement[mode]["examples"] = [{"local": a, "server": b} for a, b in pairs[:2]]
             runner.seconds[f"{mode}_agreement"] = round(time.time() - t, 1)
     result = {

@@ -99,9 +99,12 @@ def test_served_check_judge_writes_the_local_judges_checks(smoke):
     answer cue, P(Yes) from the log-probabilities after it) against the same model run by transformers."""
     result, _ = smoke
     agreement = result["judge_agreement"]["check"]
-    assert agreement["steps"] >= 8 and agreement["same_checks"] >= agreement["steps"] // 2
-    assert agreement["unscored_server"] == agreement["unscored_local"]   # a check that never answers is None
-    if agreement["both_scored"] >= 3:
+    assert agreement["steps"] >= 8 and len(agreement["common_start_chars"]) == agreement["steps"]
+    # greedy checks start alike (' 10 + 29 = 39') and then part ways: the server runs the Q4_1 weights, the
+    # local judge their dequantized copy (measured: no check identical, max score gap 0.024 where both scored)
+    assert max(agreement["common_start_chars"]) >= 8
+    assert agreement["unscored_server"] + agreement["both_scored"] <= agreement["steps"]   # unscored: null, counted
+    if agreement["both_scored"]:
         assert agreement["max_abs_score_diff"] < 0.15
 
 
