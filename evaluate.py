@@ -52,6 +52,7 @@ TEMPERATURE = 0.7
 TOP_P = 1.0
 MAX_NEW_TOKENS = 200
 BATCH_SIZE = 64
+JUDGE_CHUNK = 512                 # solutions per scoring chunk (the cache's unit; reward_model.JUDGE_CHUNK)
 SEED = 0
 THREADS = 2
 DTYPE = "float32"
@@ -162,7 +163,7 @@ def run_processbench(cfg, argv):
     rows = [r for split in splits.values() for r in split]
     judge = ReferenceLabels(rows) if cfg["JUDGE"] == "labels" else make_judge(cfg["JUDGE"], cfg)
     cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
-    report = {name: processbench_eval(judge, cache, split, cfg["THRESHOLD"], cfg["BATCH_SIZE"])
+    report = {name: processbench_eval(judge, cache, split, cfg["THRESHOLD"], cfg["JUDGE_CHUNK"])
               for name, split in splits.items()}
     f1s = [r["f1"] for r in report.values() if r["f1"] is not None]
     summary = {"mean_f1": sum(f1s) / len(f1s) if f1s else None, "splits": report, "judge": judge.id,
@@ -246,7 +247,7 @@ def main(argv):
         judge = make_judge(cfg["JUDGE"], cfg)
         cache = DiskCache(os.path.join(cfg["CACHE_DIR"], "scores.jsonl"))
         labelled = cfg["STEP_LABELS"] == "task" or (cfg["STEP_LABELS"] == "auto" and task_labelled(problems))
-        best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["BATCH_SIZE"],
+        best_of, quality = judge_metrics(problems, records, judge, cache, cfg["THRESHOLD"], cfg["JUDGE_CHUNK"],
                                          cfg["STEP_DELIMITER"], labelled)
         metrics |= best_of | ({"judge_quality": quality} if quality else {})
         if cfg["JUDGE_EVAL_FILE"] and quality:

@@ -127,6 +127,38 @@ def logits_at(model, rows, cols, **inputs):
     return forward_at(model, rows, cols, **inputs)[0]
 
 
+def growing_cache():
+    """A KV cache for token-by-token decoding that appends in place: each layer's keys and values live in a
+    buffer that doubles when full, and attention reads a view of its filled part. transformers' DynamicCache
+    concatenates the whole cache with every new token, which is most of a tiny model's decoding time."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.buffers, self.length = None, 0
+            end = self.length + key_states.shape[-2]
+            if self.buffers is None or end > self.buffers[0].shape[-2]:
+                size = max(end, 2 * (self.buffers[0].shape[-2] if self.buffers else 32))
+                grown = [x.new_empty((*x.shape[:2], size, x.shape[-1])) for x in (key_states, value_states)]
+                for old, new in zip(self.buffers or (), grown):
+                    new[:, :, : self.length] = old[:, :, : self.length]
+                self.buffers = grown
+            for buffer, x in zip(self.buffers, (key_states, value_states)):
+                buffer[:, :, self.length: end] = x
+            self.length = end
+            self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized and self.buffers is not None:
+                self.buffers = [buffer.index_select(0, indices) for buffer in self.buffers]
+                self.keys, self.values = (buffer[:, :, : self.length] for buffer in self.buffers)
+
+    return Cache(layer_class_to_replicate=GrowingLayer)
+
+
 class Rows:
     """Token rows that grow by chunks of different lengths through one KV cache. feed() appends each row's
     chunk (right-padded: the padding is masked from every later token, and a row's positions count only its
@@ -140,7 +172,7 @@ class Rows:
         self.device = next(model.parameters()).device
         self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=self.device)
         self.length = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        self.cache, self.logits = None, None
+        self.cache, self.logits = growing_cache(), None
 
     def feed(self, chunks):
         """chunks: a list of token ids per row, possibly empty. Returns the (rows, vocab) logits."""
@@ -218,8 +250,8 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
         generated = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long)
         live = torch.arange(len(batch))              # the rows still writing, as indices into the batch
         with torch.no_grad():
-            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1)
+            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=growing_cache(),
+                           use_cache=True, logits_to_keep=1)
             for t in range(max_new_tokens):
                 next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p,
                                         uniforms[live, t] if uniforms is not None else None)

@@ -71,7 +71,9 @@ CHOSEN_ACCEPTED = True            # also require the judge to accept the chosen 
 REJECTED_FROM_WRONG = True        # rejected steps come only from samples with a wrong final answer; False also
                                   # takes the first judged error of samples whose answer is right
 PACKED = True                     # score all steps of a solution in one forward pass
-CHUNK = 64                        # problems per sampling chunk and solutions per scoring chunk (cache unit)
+CHUNK = 64                        # problems per sampling chunk (the cache's unit)
+JUDGE_CHUNK = 512                 # solutions per scoring chunk (the cache's unit): the local judge batches a
+                                  # chunk's solutions by their number of steps, so larger chunks waste less
 BATCH_SIZE = 64
 OUT_DIR = "results/reference/judged"
 CACHE_DIR = "cache"
@@ -430,7 +432,7 @@ def main(argv):
     solutions = [[parse_solution(t, g, delimiter=cfg["STEP_DELIMITER"]) for t in row] for row, g in zip(texts, gold)]
     flat = [s for row in solutions for s in row]
     n_scored = judge_solutions(judge, scores_cache, [q for q, row in zip(questions, solutions) for _ in row], flat,
-                               cfg["CHUNK"])
+                               cfg["JUDGE_CHUNK"])
 
     # 3. step pairs, with self-rectification for the rejected steps no other sample answers
     def rectify(unmatched):
@@ -440,8 +442,14 @@ def main(argv):
                                                               cfg["RECTIFY_SAMPLES"], cfg, desc="rectifying")
         r_solutions = [[parse_solution(step_text(prefix, bad["sep"]) + t, gold[i], delimiter=cfg["STEP_DELIMITER"])
                         for t in row] for (i, prefix, bad, _), row in zip(unmatched, r_texts)]
-        computed["rectify_scored"] = judge_solutions(judge, scores_cache, [questions[i] for (i, *_), row in zip(
-            unmatched, r_solutions) for _ in row], [s for row in r_solutions for s in row], cfg["CHUNK"])
+        # a continuation that misses the final answer can never be chosen when CHOSEN_REACHES_ANSWER: unjudged
+        judged_ones = [(questions[i], s) for (i, *_), row in zip(unmatched, r_solutions) for s in row
+                       if s["correct"] or not cfg["CHOSEN_REACHES_ANSWER"]]
+        for row in r_solutions:
+            for s in row:
+                s["scores"], s["raw"], s["checks"] = [None] * len(s["steps"]), None, None
+        computed["rectify_scored"] = judge_solutions(judge, scores_cache, [q for q, _ in judged_ones],
+                                                     [s for _, s in judged_ones], cfg["JUDGE_CHUNK"])
         return r_solutions
 
     computed = {"samples": n_sampled, "scored": n_scored}

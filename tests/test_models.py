@@ -105,6 +105,29 @@ def test_rows_grow_by_chunks_of_different_lengths_like_separate_forwards(tiny_to
                     assert torch.allclose(logits[r], alone, atol=1e-5), (step, r)
 
 
+def test_growing_cache_decodes_as_the_concatenating_cache_does(tiny_model):
+    """Token by token past its buffer's doublings, with rows leaving the batch on the way: the same logits as
+    transformers' DynamicCache, bit for bit."""
+    from transformers import DynamicCache
+
+    from models import growing_cache
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, tiny_model.config.vocab_size, (4, 90))
+    logits = []
+    for cache in (growing_cache(), DynamicCache()):
+        rows, seen = ids, []
+        with torch.no_grad():
+            seen.append(tiny_model(input_ids=rows[:, :20], cache=cache, use_cache=True).logits[:, -1])
+            for t in range(20, 90):
+                if t == 60:
+                    cache.batch_select_indices(torch.tensor([0, 2]))
+                    rows = rows[[0, 2]]
+                seen.append(tiny_model(input_ids=rows[:, t: t + 1], cache=cache, use_cache=True).logits[:, -1])
+        logits.append(seen)
+    assert len(logits[0]) == 71 and all(torch.equal(a, b) for a, b in zip(*logits))
+
+
 def test_hub_fingerprint_follows_the_commit_the_cache_resolved(tmp_path):
     """A Hub id is fingerprinted by the snapshot its cached ref points to (a Hugging Face cache laid out by
     hand: no network): when the Hub model is updated and loaded again, cached scores no longer apply."""
