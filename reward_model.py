@@ -75,7 +75,7 @@ CHUNK = 64                        # problems per sampling chunk (the cache's uni
 JUDGE_CHUNK = 512                 # solutions per scoring chunk (the cache's unit): the local judge batches a
                                   # chunk's solutions by their number of steps, so larger chunks waste less
 BATCH_SIZE = 64
-OUT_DIR = "results/reference/judged"
+OUT_DIR = "results/reference/round1/judged"
 CACHE_DIR = "cache"
 SEED = 0
 THREADS = 2

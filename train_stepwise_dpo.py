@@ -1,7 +1,7 @@
 """Train the policy on judged preference pairs with StepwiseDPOTrainer (a transformers.Trainer subclass).
 
     python train_stepwise_dpo.py                                    # Step-DPO on reward_model.py's pairs
-    python train_stepwise_dpo.py --MODE=weighted --DATA=results/reference/judged/full_pairs.jsonl
+    python train_stepwise_dpo.py --MODE=weighted --DATA=results/reference/round1/judged/full_pairs.jsonl
     accelerate launch --multi_gpu --num_processes 2 train_stepwise_dpo.py   # DDP (gloo on a CPU-only machine)
 
 Loss modes, with implicit rewards h = beta * (log pi(y) - log pi_ref(y)) (Rafailov et al. 2023, eq. 7):
@@ -39,12 +39,12 @@ from prompts import FINAL_MARK, encode, policy_prompt
 
 # ----------------------------------------------------------------------------- tunables
 MODEL = "models/policy"           # starting policy (also the reference): folder, Hub id or .gguf
-DATA = "results/reference/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, full_pairs rows, or TRL's {prompt,
+DATA = "results/reference/round1/judged/step_pairs.jsonl"  # Math-Step-DPO-10K rows, full_pairs rows, or TRL's {prompt,
                                   # chosen, rejected} (outcome); a JSONL, JSON, parquet file or hf: spec (sources.py)
 EVAL_DATA = ""                    # held-out pairs of the same shape for the eval loss ("" = none; see TRAINER_ARGS)
 MODE = "step"                     # step | weighted | outcome
 ANSWER_STYLE = "gsm8k"            # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
-OUT_DIR = "results/reference/train"
+OUT_DIR = "results/reference/round1/train"
 LOSS = "sigmoid"                  # sigmoid (DPO) | ipo | sft (NLL_WEIGHT x chosen NLL only: the SFT control)
 BETA = 0.3
 NLL_WEIGHT = 1.0                  # RPO: weight of the mean NLL of chosen tokens

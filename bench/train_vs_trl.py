@@ -41,7 +41,7 @@ from prompts import policy_prompt  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
-PAIRS = "results/reference/judged/step_pairs.jsonl"   # Math-Step-DPO rows
+PAIRS = "results/reference/round1/judged/step_pairs.jsonl"   # Math-Step-DPO rows
 OUT_FILE = "results/bench/train_vs_trl.json"
 MODELS = ["bundled", "llama-30M"]
 SYSTEMS = ["ours_fp32", "ours_bf16", "trl_default", "trl_fp32", "trl_fp32_precomputed", "trl_bf16_precomputed"]
