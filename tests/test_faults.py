@@ -337,11 +337,12 @@ def test_sigkill_while_training_then_resume_matches_uninterrupted(train_setup, t
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 73))
     for ra, rb in zip(a, b):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
-            # metrics.jsonl rounds to 6 decimals: a last-bit difference can flip the 6th decimal, so 1.5e-6 absolute
-            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1.5e-6), (ra["step"], key)   # grad_norm ~200
+            # float rounding, not state: most kill patterns give identical metrics, some drift by ~2e-6 relative
+            # (docs/faults.md); a lost optimizer state or a skipped batch moves them by orders of magnitude more
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (ra["step"], key)
     from safetensors.torch import load_file
     wa, wb = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 # ----------------------------------------------------------------------------- 4. numerics
