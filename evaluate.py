@@ -36,6 +36,7 @@ JUDGE_MODEL_NAME = ""     # model name sent to a judge server
 JUDGE_TOKENIZER = ""      # judge server: tokenizer whose chat template renders the prompt ("" = plain)
 JUDGE_MODE = "check"      # check (the judge writes a check of each step first) | one_pass; the other judge
                           # settings are reward_model.py's defaults (make_judge)
+CHECK_VOTES = 1           # checks per solution in check mode, their P(Yes) averaged (reward_model.CHECK_VOTES)
 TEST_FILE = "data/test.jsonl"   # a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT (sources.py)
 STEP_DELIMITER = "newline"     # how samples split into steps: newline | blank_line | step | markdown_step
 ANSWER_STYLE = "gsm8k"         # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
