@@ -157,7 +157,8 @@ def policy_and_ref(tiny_tokenizer, tiny_model):
 def train_args(folder, out, *extra):
     """train_stepwise_dpo.py arguments for the train_setup folder."""
     return [f"--MODEL={folder / 'policy'}", f"--DATA={folder / 'pairs.jsonl'}", f"--OUT_DIR={out}",
-            "--LOGGING_STEPS=1", "--LR=1e-3", "--BETA=0.5", "--NLL_WEIGHT=0.2", *extra]
+            f"--CACHE_DIR={folder / 'cache'}", "--LOGGING_STEPS=1", "--LR=1e-3", "--BETA=0.5", "--NLL_WEIGHT=0.2",
+            *extra]
 
 
 def training_rows(out):
