@@ -45,6 +45,8 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 POLICY_GOLD = (0, 4000)    # the gold solutions the policy is supervised on (sft.py)
 PAIRS_POOL = (4000, 6000)  # reached only through the policy's own samples and the judge: the pairs come from
                            # here (reward_model.py, experiments.py), and the judge never learns from them
+VALIDATION = (6000, 6500)  # problems the policy never learns from and no pairs come from: a training recipe is
+                           # chosen on them (experiments.py --EVAL_ON=validation), never on the test set
 
 # ----------------------------------------------------------------------------- loading and validation
 

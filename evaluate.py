@@ -47,7 +47,8 @@ OUT_DIR = "results/reference/eval_policy"
 JUDGE_EVAL_FILE = "results/reference/judge_eval.json"  # judge-vs-reference-labels report ("" = skip)
 THRESHOLD = 0.5           # judge score under which a step counts as wrong
 CACHE_DIR = "cache"
-N_PROBLEMS = 0            # 0 = all test problems
+FIRST_PROBLEM = 0         # index of the first test problem used
+N_PROBLEMS = 0            # 0 = all test problems from FIRST_PROBLEM on
 K = 8                     # samples per problem for pass@k / majority@k (0 = greedy accuracy only)
 TEMPERATURE = 0.7
 TOP_P = 1.0
@@ -238,7 +239,7 @@ def main(argv):
         raise SystemExit(f"--STEP_LABELS must be auto, task or none, got {cfg['STEP_LABELS']!r}")
     if cfg["PROCESSBENCH"]:
         return run_processbench(cfg, argv)
-    problems = load_problems(cfg["TEST_FILE"])
+    problems = load_problems(cfg["TEST_FILE"])[cfg["FIRST_PROBLEM"]:]
     if cfg["N_PROBLEMS"]:
         problems = problems[: cfg["N_PROBLEMS"]]
     model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], default_device())

@@ -22,6 +22,12 @@ prefix right, chosen step right, rejected step wrong), a diagnostic of the judge
 Every training run makes the same number of updates (TRAIN_STEPS). A seed sets the order of the pairs
 and the training randomness; the data is the same for all seeds.
 Finished runs are kept (RUN_DIR/runs/<method>-seed<k>/eval.json), so an interrupted experiment continues.
+
+A recipe is chosen on validation problems, never on the test set: `--EVAL_ON=validation` scores every run on
+data_utils.VALIDATION, and VARIANTS names other trainer settings of a method, e.g.
+
+    python experiments.py --RUN_DIR=results/sweep --EVAL_ON=validation --SEEDS='[0, 1]' \\
+        --METHODS='["step_dpo", "step_beta0.1"]' --VARIANTS='{"step_beta0.1": ["step_dpo", ["--BETA=0.1"]]}'
 """
 import json
 import os
@@ -30,7 +36,7 @@ import sys
 import time
 
 from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
-from data_utils import PAIRS_POOL, load_problems
+from data_utils import PAIRS_POOL, VALIDATION, load_problems
 from pairs import pair_quality
 
 # ----------------------------------------------------------------------------- tunables
@@ -38,6 +44,8 @@ POLICY = "models/policy"
 JUDGE = "models/judge"
 TRAIN_FILE = "data/train.jsonl"
 TEST_FILE = "data/test.jsonl"
+EVAL_ON = "test"              # test: every problem of TEST_FILE | validation: the problems data_utils.VALIDATION of
+                              # TRAIN_FILE, which the policy never learned from: choose a recipe there, not on the test set
 RUN_DIR = "results/experiments"
 SEEDS = [0, 1, 2]
 METHODS = ["sft", "sft_continued", "outcome_dpo", "step_dpo", "weighted_dpo", "step_dpo_oracle"]
@@ -50,6 +58,8 @@ TRAIN_STEPS = 150             # optimizer updates per training run (batch 32), t
 PAIR_ARGS = []                # extra --KEY=value for reward_model.py, for the judge's and the oracle's pairs alike
 TRAIN_ARGS = []               # extra --KEY=value for every training run (e.g. ["--LR=1e-4"])
 METHOD_ARGS = {}              # extra --KEY=value per method, e.g. {"step_dpo": ["--BETA=0.1"]}
+VARIANTS = {}                 # name -> [method, [--KEY=value, ...]]: a method with other trainer settings, run when
+                              # METHODS names it, e.g. {"step_dpo_lr1e-4": ["step_dpo", ["--LR=1e-4"]]}
 EVAL_BATCH = 128
 THREADS = 2
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
@@ -75,29 +85,54 @@ def make_pairs(cfg, runner, name, judge):
         return json.load(f)
 
 
-def one_run(cfg, runner, method, seed, n_problems):
-    """Test greedy accuracy of one (method, seed), trained and evaluated unless already done."""
+def eval_problems(cfg):
+    """(file, first problem, number of problems) the runs are scored on (EVAL_ON)."""
+    if cfg["EVAL_ON"] == "validation":
+        return cfg["TRAIN_FILE"], VALIDATION[0], VALIDATION[1] - VALIDATION[0]
+    if cfg["EVAL_ON"] != "test":
+        raise SystemExit(f"--EVAL_ON must be test or validation, got {cfg['EVAL_ON']!r}")
+    return cfg["TEST_FILE"], 0, len(load_problems(cfg["TEST_FILE"]))
+
+
+def training_args(cfg, method):
+    """(pairs file, trainer arguments) of a method or a VARIANTS name; None for sft (no training)."""
+    base, extra = cfg["VARIANTS"].get(method, (method, []))
+    if base == "sft":
+        return None
+    pairs_file, overrides = TRAINING[base]
+    return pairs_file, [*overrides, *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(base, []), *extra]
+
+
+def one_run(cfg, runner, method, seed):
+    """Greedy accuracy of one (method, seed), trained and evaluated unless a finished run with the same
+    settings (trainer arguments, updates, evaluation problems) is already there; a run with other settings
+    is redone. A changed default inside train_stepwise_dpo.py is not seen: delete RUN_DIR/runs after one."""
     folder = os.path.join(cfg["RUN_DIR"], "runs", f"{method}-seed{seed}")
     done = os.path.join(folder, "eval.json")
+    file, first, n = eval_problems(cfg)
+    training = training_args(cfg, method)
+    settings = {"train_args": training and training[1], "train_steps": cfg["TRAIN_STEPS"], "test_file": file,
+                "first_problem": first, "n_problems": n}
     if os.path.exists(done):
         with open(done) as f:
-            return json.load(f)["greedy_acc"]
+            previous = json.load(f)
+        if all(previous.get(k) == v for k, v in settings.items()):
+            return previous["greedy_acc"]
     model = cfg["POLICY"]
-    if method != "sft":
-        pairs_file, overrides = TRAINING[method]
-        data = os.path.join(cfg["RUN_DIR"], pairs_file)
+    if training:
+        data = os.path.join(cfg["RUN_DIR"], training[0])
         runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", [
             f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}", f"--SEED={seed}",
-            f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}", *overrides,
-            *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(method, [])])
+            f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}",
+            *training[1]])
         model = os.path.join(folder, "model")
     runner.run(f"eval-{method}-seed{seed}", "evaluate.py", [
-        f"--MODEL={model}", f"--TEST_FILE={cfg['TEST_FILE']}", "--K=0", "--JUDGE=", "--JUDGE_EVAL_FILE=",
-        f"--BATCH_SIZE={cfg['EVAL_BATCH']}", f"--THREADS={cfg['THREADS']}", f"--OUT_DIR={folder}/eval"])
+        f"--MODEL={model}", f"--TEST_FILE={file}", f"--FIRST_PROBLEM={first}", f"--N_PROBLEMS={n}", "--K=0",
+        "--JUDGE=", "--JUDGE_EVAL_FILE=", f"--BATCH_SIZE={cfg['EVAL_BATCH']}", f"--THREADS={cfg['THREADS']}",
+        f"--OUT_DIR={folder}/eval"])
     with open(os.path.join(folder, "eval", "metrics.json")) as f:
         acc = json.load(f)["greedy_acc"]
-    atomic_write_json(done, {"method": method, "seed": seed, "greedy_acc": acc, "model": model,
-                             "test_file": cfg["TEST_FILE"], "n_problems": n_problems})
+    atomic_write_json(done, {"method": method, "seed": seed, "greedy_acc": acc, "model": model, **settings})
     print_json({"method": method, "seed": seed, "greedy_acc": acc})
     return acc
 
@@ -136,16 +171,17 @@ def plot(methods, seeds, path):
 
 def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    unknown = [m for m in cfg["METHODS"] if m != "sft" and m not in TRAINING]
+    unknown = [m for m in cfg["METHODS"] + [v[0] for v in cfg["VARIANTS"].values()]
+               if m != "sft" and m not in TRAINING and m not in cfg["VARIANTS"]]
     if unknown:
-        raise SystemExit(f"unknown METHODS {unknown}; known: sft, {', '.join(TRAINING)}")
+        raise SystemExit(f"unknown METHODS {unknown}; known: sft, {', '.join(TRAINING)}, or a VARIANTS name")
     t0 = time.time()
     runner = Stages()
     counts = {"judged": make_pairs(cfg, runner, "judged", cfg["JUDGE"])}
-    if "step_dpo_oracle" in cfg["METHODS"]:
+    if "step_dpo_oracle" in [cfg["VARIANTS"].get(m, (m,))[0] for m in cfg["METHODS"]]:
         counts["oracle"] = make_pairs(cfg, runner, "oracle", f"oracle:{cfg['TRAIN_FILE']}")
-    n_problems = len(load_problems(cfg["TEST_FILE"]))
-    methods = {m: [one_run(cfg, runner, m, s, n_problems) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
+    file, first, n_problems = eval_problems(cfg)
+    methods = {m: [one_run(cfg, runner, m, s) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
     summary = {"seeds": cfg["SEEDS"], "methods": methods,
                "mean": {m: statistics.mean(a) for m, a in methods.items()},
                "pairs": {name: {k: c[k] for k in ("step_pairs", "full_pairs", "samples", "correct_samples")}
@@ -157,8 +193,8 @@ def main(argv):
     atomic_write_json(os.path.join(cfg["RUN_DIR"], "summary.json"), summary)
     text = table(methods, cfg["SEEDS"])
     atomic_write_text(os.path.join(cfg["RUN_DIR"], "summary.md"),
-                      f"# Methods against controls\n\n{text}\n\nTest greedy accuracy on {n_problems} problems "
-                      f"({cfg['TEST_FILE']}). Wall time {summary['wall_seconds']:.0f} s.\n\n"
+                      f"# Methods against controls\n\n{text}\n\nGreedy accuracy on {n_problems} problems "
+                      f"({file} from problem {first}). Wall time {summary['wall_seconds']:.0f} s.\n\n"
                       f"Command: `{summary['command']}`\n")
     plot(methods, cfg["SEEDS"], os.path.join(cfg["RUN_DIR"], "methods.png"))
     print(text)
