@@ -159,55 +159,6 @@ def growing_cache():
     return Cache(layer_class_to_replicate=GrowingLayer)
 
 
-def lean_decoding(model):
-    """Whether decode_step may run `model` through its own few lines of tensor code (a plain Llama with one KV
-    head per query head and SDPA attention, not training): at one token per row a tiny model's time goes to
-    transformers' module calls and mask building, not to arithmetic."""
-    cfg = getattr(model, "config", None)
-    return (type(model).__name__ == "LlamaForCausalLM" and not model.training
-            and getattr(cfg, "_attn_implementation", None) == "sdpa"
-            and cfg.num_key_value_heads == cfg.num_attention_heads and not cfg.mlp_bias
-            and not getattr(cfg, "pretraining_tp", 1) > 1)
-
-
-def decode_step(model, ids, mask, positions, cache):
-    """Next-token logits (rows, vocab) after one new token per row. ids, positions: (rows, 1); mask: the
-    (rows, cached + 1) padding mask; `cache` is updated in place. A model that lean_decoding() admits runs
-    the same tensor operations as its transformers forward, in the same order (tests/test_models.py
-    compares the two bit for bit); any other model runs its own forward."""
-    if not lean_decoding(model):
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                     use_cache=True).logits[:, -1]
-    import torch
-    import torch.nn.functional as F
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    def norm(x, layer):
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
-        return layer.weight * x32.to(x.dtype)
-
-    def linear(x, layer):
-        return F.linear(x, layer.weight, layer.bias)
-
-    inner, rows = model.model, ids.shape[0]
-    hidden = F.embedding(ids, inner.embed_tokens.weight)
-    cos, sin = (x.unsqueeze(1) for x in inner.rotary_emb(hidden, positions))
-    attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
-    for layer in inner.layers[: model.config.num_hidden_layers]:
-        attn, x = layer.self_attn, norm(hidden, layer.input_layernorm)
-        q, k, v = (linear(x, p).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = cache.update(k, v, attn.layer_idx)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=0.0, scale=attn.scaling,
-                                             is_causal=False)
-        hidden = hidden + linear(out.transpose(1, 2).contiguous().reshape(rows, 1, -1).contiguous(), attn.o_proj)
-        mlp, x = layer.mlp, norm(hidden, layer.post_attention_layernorm)
-        hidden = hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
-    return linear(norm(hidden, inner.norm)[:, -1], model.get_output_embeddings())
-
-
 class Rows:
     """Token rows that grow by chunks of different lengths through one KV cache. feed() appends each row's
     chunk (right-padded: the padding is masked from every later token, and a row's positions count only its
@@ -237,12 +188,9 @@ class Rows:
         positions = self.length[:, None] + torch.arange(width, device=self.device)[None]
         self.mask = torch.cat([self.mask, real], dim=1)
         fed = real.sum(1)
-        if width == 1:
-            logits = decode_step(self.model, ids, self.mask, positions, self.cache)
-        else:
-            logits, self.cache = forward_at(self.model, torch.arange(len(chunks), device=self.device),
-                                            (fed - 1).clamp(min=0), input_ids=ids, attention_mask=self.mask,
-                                            position_ids=positions, cache=self.cache, use_cache=True)
+        logits, self.cache = forward_at(self.model, torch.arange(len(chunks), device=self.device),
+                                        (fed - 1).clamp(min=0), input_ids=ids, attention_mask=self.mask,
+                                        position_ids=positions, cache=self.cache, use_cache=True)
         self.logits = logits if self.logits is None else torch.where((fed > 0)[:, None], logits, self.logits)
         self.length += fed
         return self.logits
@@ -302,11 +250,10 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
         generated = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long)
         live = torch.arange(len(batch))              # the rows still writing, as indices into the batch
         with torch.no_grad():
-            cache = growing_cache()
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=growing_cache(),
+                           use_cache=True, logits_to_keep=1)
             for t in range(max_new_tokens):
-                next_ids = _pick_tokens(logits.cpu(), temperature, top_p,
+                next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p,
                                         uniforms[live, t] if uniforms is not None else None)
                 generated[live, t] = next_ids
                 finished = next_ids == eos
@@ -318,10 +265,11 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
                 if bool(finished.any()):
                     keep = (~finished).nonzero().squeeze(1)
                     live, next_ids, mask, positions = live[keep], next_ids[keep], mask[keep], positions[keep]
-                    cache.batch_select_indices(keep.to(device))
+                    result.cache.batch_select_indices(keep.to(device))
                 mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
                 positions = positions[:, -1:] + 1
-                logits = decode_step(model, next_ids[:, None].to(device), mask, positions, cache)
+                result = model(input_ids=next_ids[:, None].to(device), attention_mask=mask,
+                               position_ids=positions, cache=result.cache, use_cache=True)
         for r, (i, j) in enumerate(batch):
             row = generated[r].tolist()
             row = row[: row.index(eos)] if eos in row else row

@@ -7,11 +7,10 @@ model and batch size, and alternate REPEATS times; each one's fastest time count
 token-for-token the same solutions (asserted), so the comparison is of the same work. Sampled (temperature
 0.7): the tokens differ (each of our rows draws from its own seeded generator), so tokens per second is
 compared. A row records the generated tokens per second of each, the speedup, and the share of each one's
-time spent outside the model's computation (its forward calls, timed by hooks, and our sampler's one-token
-steps, models.decode_step). Models: the bundled policy and a randomly initialised ~30M-parameter
-Llama-style model with the same tokenizer (speed does not depend on the weights). A solution ends at EOS or
-at its final answer, checked every 16 tokens, for both: model.generate gets a StoppingCriteria that checks
-the same way (prompts.answer_finished).
+time spent outside the model's forward (a forward pre- and post-hook times every call). Models: the bundled
+policy and a randomly initialised ~30M-parameter Llama-style model with the same tokenizer (speed does not
+depend on the weights). A solution ends at EOS or at its final answer, checked every 16 tokens, for both:
+model.generate gets a StoppingCriteria that checks the same way (prompts.answer_finished).
 """
 import os
 import sys
@@ -22,7 +21,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, command_line, config_from_argv, print_json  # noqa: E402
 from data_utils import load_problems  # noqa: E402
-import models  # noqa: E402
 from models import load_model, sample  # noqa: E402
 from prompts import answer_finished, encode, policy_prompt, truncate_solution  # noqa: E402
 
@@ -40,30 +38,12 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
 
 class ForwardClock:
-    """Seconds spent computing `model`: inside its forward calls (hooks around every call of the top module)
-    and inside models.decode_step, our sampler's one-token step, which runs a plain Llama without calling
-    its forward (a forward called from inside a step is counted once)."""
+    """Seconds spent inside a model's forward calls (hooks around every call of the top module)."""
 
     def __init__(self, model):
-        self.seconds, self.start, self.inside = 0.0, None, False
-        model.register_forward_pre_hook(lambda *_: self.inside or setattr(self, "start", time.perf_counter()))
-        model.register_forward_hook(lambda *_: self.inside or self.add(time.perf_counter() - self.start))
-        step = models.decode_step
-
-        def timed_step(m, *args):
-            if m is not model:
-                return step(m, *args)
-            self.inside, start = True, time.perf_counter()
-            try:
-                return step(m, *args)
-            finally:
-                self.inside = False
-                self.add(time.perf_counter() - start)
-
-        models.decode_step = timed_step
-
-    def add(self, seconds):
-        self.seconds += seconds
+        self.seconds, self.start = 0.0, None
+        model.register_forward_pre_hook(lambda *_: setattr(self, "start", time.perf_counter()))
+        model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self.start))
 
 
 def ours(model, tokenizer, prompts, batch, temperature, max_new_tokens):

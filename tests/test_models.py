@@ -128,42 +128,6 @@ def test_growing_cache_decodes_as_the_concatenating_cache_does(tiny_model):
     assert len(logits[0]) == 71 and all(torch.equal(a, b) for a, b in zip(*logits))
 
 
-@pytest.mark.parametrize("which", ["tiny", "policy", "judge"])
-def test_lean_decoding_gives_the_transformers_logits_bit_for_bit(tiny_model, which):
-    """decode_step's own tensor code against the model's transformers forward, on the same cache kind: left
-    padding (a boolean mask), a batch without padding (no mask), rows leaving the batch, and both the
-    full-logits and the decoder-plus-head paths the sampler and the judge used before. Bundled models too."""
-    from models import decode_step, growing_cache, lean_decoding, load_model
-
-    model = tiny_model if which == "tiny" else load_model(f"models/{which}")[0]
-    assert lean_decoding(model)
-    torch.manual_seed(0)
-    for padded in (True, False):
-        ids = torch.randint(3, model.config.vocab_size, (4, 60))
-        mask = torch.ones_like(ids)
-        if padded:
-            mask[1, :7] = mask[3, :3] = 0
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        caches, seen = (growing_cache(), growing_cache(), growing_cache()), ([], [], [])
-        rows = torch.arange(4)
-        with torch.no_grad():
-            for cache in caches:
-                model(input_ids=ids[:, :20], attention_mask=mask[:, :20], position_ids=positions[:, :20],
-                      cache=cache, use_cache=True)
-            for t in range(20, 60):
-                if t == 40:
-                    rows = rows[[0, 1, 3]]
-                    for cache in caches:
-                        cache.batch_select_indices(torch.tensor([0, 1, 3]))
-                step = dict(input_ids=ids[rows, t: t + 1], attention_mask=mask[rows, : t + 1],
-                            position_ids=positions[rows, t: t + 1])
-                seen[0].append(decode_step(model, *step.values(), caches[0]))
-                seen[1].append(model(**step, cache=caches[1], use_cache=True).logits[:, -1])
-                hidden = model.get_decoder()(**step, cache=caches[2], use_cache=True).last_hidden_state
-                seen[2].append(model.get_output_embeddings()(hidden[:, -1]))
-        assert len(seen[0]) == 40 and all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*seen))
-
-
 def test_hub_fingerprint_follows_the_commit_the_cache_resolved(tmp_path):
     """A Hub id is fingerprinted by the snapshot its cached ref points to (a Hugging Face cache laid out by
     hand: no network): when the Hub model is updated and loaded again, cached scores no longer apply."""
