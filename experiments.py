@@ -88,6 +88,10 @@ def make_pairs(cfg, runner, name, judge):
 def eval_problems(cfg):
     """(file, first problem, number of problems) the runs are scored on (EVAL_ON)."""
     if cfg["EVAL_ON"] == "validation":
+        have = len(load_problems(cfg["TRAIN_FILE"]))
+        if have < VALIDATION[1]:
+            raise SystemExit(f"--EVAL_ON=validation scores problems {VALIDATION[0]}-{VALIDATION[1] - 1} of "
+                             f"{cfg['TRAIN_FILE']}, which has {have}; score on the test set or use a larger file")
         return cfg["TRAIN_FILE"], VALIDATION[0], VALIDATION[1] - VALIDATION[0]
     if cfg["EVAL_ON"] != "test":
         raise SystemExit(f"--EVAL_ON must be test or validation, got {cfg['EVAL_ON']!r}")

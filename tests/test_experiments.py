@@ -47,6 +47,10 @@ def test_validation_runs_score_the_validation_problems_of_the_training_file(tmp_
     assert arg(runner.calls[0][1], "FIRST_PROBLEM") == "0"
     with pytest.raises(SystemExit, match="EVAL_ON"):
         experiments.one_run(config(tmp_path, EVAL_ON="test_set"), RecordingRunner(), "sft", 0)
+    small = tmp_path / "small.jsonl"
+    small.write_text(open(experiments.TRAIN_FILE).readline())
+    with pytest.raises(SystemExit, match="which has 1"):
+        experiments.one_run(config(tmp_path, EVAL_ON="validation", TRAIN_FILE=str(small)), RecordingRunner(), "sft", 0)
 
 
 def test_a_variant_trains_its_method_with_its_own_arguments_last(tmp_path):
