@@ -44,8 +44,9 @@ POLICY = "models/policy"
 JUDGE = "models/judge"
 TRAIN_FILE = "data/train.jsonl"
 TEST_FILE = "data/test.jsonl"
-EVAL_ON = "test"              # test: every problem of TEST_FILE | validation: the problems data_utils.VALIDATION of
-                              # TRAIN_FILE, which the policy never learned from: choose a recipe there, not on the test set
+EVAL_ON = "test"              # test: every problem of TEST_FILE | validation: the problems data_utils.VALIDATION
+                              # of TRAIN_FILE, which the policy never learned from: choose a recipe there, not on
+                              # the test set
 RUN_DIR = "results/experiments"
 SEEDS = [0, 1, 2]
 METHODS = ["sft", "sft_continued", "outcome_dpo", "step_dpo", "weighted_dpo", "step_dpo_oracle"]
@@ -98,22 +99,28 @@ def eval_problems(cfg):
     return cfg["TEST_FILE"], 0, len(load_problems(cfg["TEST_FILE"]))
 
 
+def base_method(cfg, method):
+    """The method a METHODS name trains: itself, or the one its VARIANTS entry names."""
+    return cfg["VARIANTS"].get(method, (method,))[0]
+
+
 def training_args(cfg, method):
     """(pairs file, trainer arguments) of a method or a VARIANTS name; None for sft (no training)."""
-    base, extra = cfg["VARIANTS"].get(method, (method, []))
+    base, extra = base_method(cfg, method), cfg["VARIANTS"].get(method, (method, []))[1]
     if base == "sft":
         return None
     pairs_file, overrides = TRAINING[base]
     return pairs_file, [*overrides, *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(base, []), *extra]
 
 
-def one_run(cfg, runner, method, seed):
-    """Greedy accuracy of one (method, seed), trained and evaluated unless a finished run with the same
-    settings (trainer arguments, updates, evaluation problems) is already there; a run with other settings
-    is redone. A changed default inside train_stepwise_dpo.py is not seen: delete RUN_DIR/runs after one."""
+def one_run(cfg, runner, method, seed, scored_on):
+    """Greedy accuracy of one (method, seed) on `scored_on` (eval_problems), trained and evaluated unless a
+    finished run with the same settings (trainer arguments, updates, evaluation problems) is already there;
+    a run with other settings is redone. A changed default inside train_stepwise_dpo.py is not seen: delete
+    RUN_DIR/runs after one."""
     folder = os.path.join(cfg["RUN_DIR"], "runs", f"{method}-seed{seed}")
     done = os.path.join(folder, "eval.json")
-    file, first, n = eval_problems(cfg)
+    file, first, n = scored_on
     training = training_args(cfg, method)
     settings = {"train_args": training and training[1], "train_steps": cfg["TRAIN_STEPS"], "test_file": file,
                 "first_problem": first, "n_problems": n}
@@ -175,17 +182,17 @@ def plot(methods, seeds, path):
 
 def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
-    unknown = [m for m in cfg["METHODS"] + [v[0] for v in cfg["VARIANTS"].values()]
-               if m != "sft" and m not in TRAINING and m not in cfg["VARIANTS"]]
+    unknown = [m for m in cfg["METHODS"] + list(cfg["VARIANTS"]) if base_method(cfg, m) not in ("sft", *TRAINING)]
     if unknown:
-        raise SystemExit(f"unknown METHODS {unknown}; known: sft, {', '.join(TRAINING)}, or a VARIANTS name")
+        raise SystemExit(f"unknown method in METHODS or VARIANTS: {unknown}; known: sft, {', '.join(TRAINING)}, "
+                         "or a VARIANTS name whose method is one of them")
     t0 = time.time()
     runner = Stages()
     counts = {"judged": make_pairs(cfg, runner, "judged", cfg["JUDGE"])}
-    if "step_dpo_oracle" in [cfg["VARIANTS"].get(m, (m,))[0] for m in cfg["METHODS"]]:
+    if "step_dpo_oracle" in [base_method(cfg, m) for m in cfg["METHODS"]]:
         counts["oracle"] = make_pairs(cfg, runner, "oracle", f"oracle:{cfg['TRAIN_FILE']}")
-    file, first, n_problems = eval_problems(cfg)
-    methods = {m: [one_run(cfg, runner, m, s) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
+    scored_on = file, first, n_problems = eval_problems(cfg)
+    methods = {m: [one_run(cfg, runner, m, s, scored_on) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
     summary = {"seeds": cfg["SEEDS"], "methods": methods,
                "mean": {m: statistics.mean(a) for m, a in methods.items()},
                "pairs": {name: {k: c[k] for k in ("step_pairs", "full_pairs", "samples", "correct_samples")}

@@ -30,33 +30,37 @@ def config(tmp_path, **over):
     return cfg | {"RUN_DIR": str(tmp_path)} | over
 
 
+def run(cfg, runner, method, seed):
+    return experiments.one_run(cfg, runner, method, seed, experiments.eval_problems(cfg))
+
+
 def arg(args, key):
     return next(a.split("=", 1)[1] for a in args if a.startswith(f"--{key}="))
 
 
 def test_validation_runs_score_the_validation_problems_of_the_training_file(tmp_path):
     runner = RecordingRunner()
-    experiments.one_run(config(tmp_path, EVAL_ON="validation"), runner, "sft", 0)
+    run(config(tmp_path, EVAL_ON="validation"), runner, "sft", 0)
     (script, args), = runner.calls
     assert script == "evaluate.py" and arg(args, "TEST_FILE") == experiments.TRAIN_FILE
     assert (int(arg(args, "FIRST_PROBLEM")), int(arg(args, "N_PROBLEMS"))) == (VALIDATION[0], VALIDATION[1] - VALIDATION[0])
     assert VALIDATION[0] >= experiments.FIRST_PROBLEM + experiments.N_PROBLEMS  # no pair comes from them
     runner = RecordingRunner()
-    experiments.one_run(config(tmp_path / "test"), runner, "sft", 0)
+    run(config(tmp_path / "test"), runner, "sft", 0)
     assert arg(runner.calls[0][1], "TEST_FILE") == experiments.TEST_FILE
     assert arg(runner.calls[0][1], "FIRST_PROBLEM") == "0"
     with pytest.raises(SystemExit, match="EVAL_ON"):
-        experiments.one_run(config(tmp_path, EVAL_ON="test_set"), RecordingRunner(), "sft", 0)
+        run(config(tmp_path, EVAL_ON="test_set"), RecordingRunner(), "sft", 0)
     small = tmp_path / "small.jsonl"
     small.write_text(open(experiments.TRAIN_FILE).readline())
     with pytest.raises(SystemExit, match="which has 1"):
-        experiments.one_run(config(tmp_path, EVAL_ON="validation", TRAIN_FILE=str(small)), RecordingRunner(), "sft", 0)
+        run(config(tmp_path, EVAL_ON="validation", TRAIN_FILE=str(small)), RecordingRunner(), "sft", 0)
 
 
 def test_a_variant_trains_its_method_with_its_own_arguments_last(tmp_path):
     runner = RecordingRunner()
     cfg = config(tmp_path, TRAIN_ARGS=["--LR=1e-4"], VARIANTS={"low_beta": ["step_dpo", ["--BETA=0.05"]]})
-    experiments.one_run(cfg, runner, "low_beta", 1)
+    run(cfg, runner, "low_beta", 1)
     (script, args), _ = runner.calls
     assert script == "train_stepwise_dpo.py" and arg(args, "DATA").endswith("judged/step_pairs.jsonl")
     assert args[-3:] == ["--MODE=step", "--LR=1e-4", "--BETA=0.05"] and arg(args, "SEED") == "1"
@@ -65,9 +69,9 @@ def test_a_variant_trains_its_method_with_its_own_arguments_last(tmp_path):
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     cfg = config(tmp_path)
-    assert experiments.one_run(cfg, RecordingRunner(acc=0.25), "step_dpo", 0) == 0.25
+    assert run(cfg, RecordingRunner(acc=0.25), "step_dpo", 0) == 0.25
     runner = RecordingRunner(acc=0.75)
-    assert experiments.one_run(cfg, runner, "step_dpo", 0) == 0.25 and runner.calls == []
+    assert run(cfg, runner, "step_dpo", 0) == 0.25 and runner.calls == []
     for changed in (cfg | {"TRAIN_ARGS": ["--BETA=0.2"]}, cfg | {"TRAIN_STEPS": 10}, cfg | {"EVAL_ON": "validation"}):
         runner = RecordingRunner(acc=0.75)
-        assert experiments.one_run(changed, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2
+        assert run(changed, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2
