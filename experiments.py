@@ -29,6 +29,7 @@ data_utils.VALIDATION, and VARIANTS names other trainer settings of a method, e.
     python experiments.py --RUN_DIR=results/sweep --EVAL_ON=validation --SEEDS='[0, 1]' \\
         --METHODS='["step_dpo", "step_beta0.1"]' --VARIANTS='{"step_beta0.1": ["step_dpo", ["--BETA=0.1"]]}'
 """
+import hashlib
 import json
 import os
 import statistics
@@ -37,6 +38,7 @@ import time
 
 from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
 from data_utils import PAIRS_POOL, VALIDATION, load_problems
+from models import fingerprint
 from pairs import pair_quality
 
 # ----------------------------------------------------------------------------- tunables
@@ -113,17 +115,34 @@ def training_args(cfg, method):
     return pairs_file, [*overrides, *cfg["TRAIN_ARGS"], *cfg["METHOD_ARGS"].get(base, []), *extra]
 
 
+def trainer_settings(args):
+    """train_stepwise_dpo.py's resolved config for these arguments: its defaults with them applied."""
+    import train_stepwise_dpo
+
+    return config_from_argv({k: getattr(train_stepwise_dpo, k) for k in train_stepwise_dpo.CONFIG_KEYS}, args)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def one_run(cfg, runner, method, seed, scored_on):
     """Greedy accuracy of one (method, seed) on `scored_on` (eval_problems), trained and evaluated unless a
-    finished run with the same settings (trainer arguments, updates, evaluation problems) is already there;
-    a run with other settings is redone. A changed default inside train_stepwise_dpo.py is not seen: delete
-    RUN_DIR/runs after one."""
+    finished run with the same settings is already there: the starting policy's weights, the pairs file's
+    content, the trainer's resolved settings (its defaults included) and the evaluation problems. A run with
+    other settings (a rebuilt judge, a changed trainer default) is redone."""
     folder = os.path.join(cfg["RUN_DIR"], "runs", f"{method}-seed{seed}")
     done = os.path.join(folder, "eval.json")
     file, first, n = scored_on
     training = training_args(cfg, method)
-    settings = {"train_args": training and training[1], "train_steps": cfg["TRAIN_STEPS"], "test_file": file,
-                "first_problem": first, "n_problems": n}
+    data = training and os.path.join(cfg["RUN_DIR"], training[0])
+    args = training and [f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}", f"--SEED={seed}",
+                         f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}",
+                         *training[1]]
+    settings = {"policy": fingerprint(cfg["POLICY"]), "train_args": training and training[1],
+                "trainer": training and trainer_settings(args), "pairs_sha256": training and file_sha256(data),
+                "train_steps": cfg["TRAIN_STEPS"], "test_file": file, "first_problem": first, "n_problems": n}
     if os.path.exists(done):
         with open(done) as f:
             previous = json.load(f)
@@ -131,11 +150,7 @@ def one_run(cfg, runner, method, seed, scored_on):
             return previous["greedy_acc"]
     model = cfg["POLICY"]
     if training:
-        data = os.path.join(cfg["RUN_DIR"], training[0])
-        runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", [
-            f"--MODEL={cfg['POLICY']}", f"--DATA={data}", f"--OUT_DIR={folder}", f"--SEED={seed}",
-            f"--MAX_STEPS={cfg['TRAIN_STEPS']}", "--SAVE_STEPS=1000000", f"--THREADS={cfg['THREADS']}",
-            *training[1]])
+        runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", args)
         model = os.path.join(folder, "model")
     runner.run(f"eval-{method}-seed{seed}", "evaluate.py", [
         f"--MODEL={model}", f"--TEST_FILE={file}", f"--FIRST_PROBLEM={first}", f"--N_PROBLEMS={n}", "--K=0",

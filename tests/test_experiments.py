@@ -26,6 +26,12 @@ class RecordingRunner:
 
 
 def config(tmp_path, **over):
+    """The experiment's defaults in tmp_path, with a one-line pairs file for every trained method."""
+    for pairs_file, _ in experiments.TRAINING.values():
+        path = tmp_path / pairs_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"prompt": "p"}\n')
     cfg = {k: getattr(experiments, k) for k in experiments.CONFIG_KEYS}
     return cfg | {"RUN_DIR": str(tmp_path)} | over
 
@@ -75,3 +81,21 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     for changed in (cfg | {"TRAIN_ARGS": ["--BETA=0.2"]}, cfg | {"TRAIN_STEPS": 10}, cfg | {"EVAL_ON": "validation"}):
         runner = RecordingRunner(acc=0.75)
         assert run(changed, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2
+
+
+def test_a_finished_run_is_redone_after_new_pairs_a_new_trainer_default_or_a_new_policy(tmp_path, monkeypatch):
+    import train_stepwise_dpo
+
+    cfg = config(tmp_path)
+    assert run(cfg, RecordingRunner(acc=0.25), "step_dpo", 0) == 0.25
+    (tmp_path / "judged" / "step_pairs.jsonl").write_text('{"prompt": "q"}\n')  # e.g. a rebuilt judge's pairs
+    assert run(cfg, RecordingRunner(acc=0.5), "step_dpo", 0) == 0.5
+    monkeypatch.setattr(train_stepwise_dpo, "BETA", train_stepwise_dpo.BETA * 2)
+    runner = RecordingRunner(acc=0.75)
+    assert run(cfg, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2
+    assert run(cfg, RecordingRunner(acc=0.9), "step_dpo", 0) == 0.75  # nothing changed since
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    assert run(cfg | {"POLICY": str(policy)}, RecordingRunner(acc=0.1), "sft", 0) == 0.1
+    assert run(cfg, RecordingRunner(acc=0.2), "sft", 0) == 0.2
