@@ -167,9 +167,12 @@ def sequence_logps(model, batch, prefix_sharing=True):
             "rejected_tokens": out["rejected"][2]}
 
 
-def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None, pack_factor=2.0):
+def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None, pack_factor=2.0,
+                         bf16=False):
     """Reference log-probs of every pair, one pass before training; the frozen reference makes this exact.
-    Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached."""
+    Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached. `bf16`:
+    under bf16 autocast, as a bf16 training run computes the policy's (so the first step starts at the
+    reference exactly)."""
     from tqdm import tqdm
 
     if cache_path and os.path.exists(cache_path):
@@ -178,7 +181,7 @@ def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, ca
     else:
         values = []
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
             for start in tqdm(range(0, len(features), batch_size), desc="reference log-probs"):
                 batch = collate(features[start:start + batch_size], pad_id, prefix_sharing, pack_factor)
                 batch = {k: v.to(model.device) for k, v in batch.items()}

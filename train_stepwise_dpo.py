@@ -65,7 +65,8 @@ LORA_R = 8
 LORA_ALPHA = 16
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 GRADIENT_CHECKPOINTING = False    # recompute activations in the backward pass: less memory, ~30% more compute
-BF16 = False                      # bf16 autocast with fp32 master weights (GPU); DTYPE=bfloat16 stores weights in bf16
+BF16 = False                      # bf16 autocast with fp32 master weights (GPU, or a CPU with bf16 units);
+                                  # DTYPE=bfloat16 stores weights in bf16
 LOGGING_STEPS = 5
 SAVE_STEPS = 50                   # checkpoint every N optimizer steps
 SAVE_TOTAL_LIMIT = 2
@@ -247,8 +248,11 @@ class StepwiseDPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d = self.dpo
-        policy = sequence_logps(model, inputs, d.prefix_sharing)
-        ref_chosen, ref_rejected, ref_chosen_plain = self.reference_logps(model, inputs)
+        # accelerate applies mixed precision by wrapping model.forward, which sequence_logps bypasses (it runs
+        # the decoder and reads the head only where a token is scored), so the autocast is entered here
+        with self.accelerator.autocast():
+            policy = sequence_logps(model, inputs, d.prefix_sharing)
+            ref_chosen, ref_rejected, ref_chosen_plain = self.reference_logps(model, inputs)
         losses, reward_chosen, reward_rejected = preference_loss(
             policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, d.beta, d.loss, d.dpop_lambda,
             policy["chosen_plain"], ref_chosen_plain)
@@ -410,8 +414,10 @@ def main(argv):
         model.to(default_device())  # the Trainer moves it there anyway; the reference pass should not run on CPU
         for feats in filter(None, (features, eval_features)):
             key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(feats)}-{int(cfg['PREFIX_SHARING'])}"
+            key += "-bf16" if cfg["BF16"] else ""   # the reference in the precision the policy is computed in
             precompute_reference(model, feats, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
-                                 os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"])
+                                 os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"],
+                                 cfg["BF16"])
     elif not cfg["LORA"]:
         ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
         ref_model.requires_grad_(False)

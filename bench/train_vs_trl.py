@@ -149,7 +149,7 @@ def our_trainer(cfg, name, model, tokenizer, ids, out, bf16):
     features = [build_features(tokenizer, r, "step") for r in rows]
     assert [{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in features] == ids, \
         "our tokenization differs from TRL's"
-    precompute_reference(model, features, cfg["BATCH"][name], tokenizer.pad_token_id, True)
+    precompute_reference(model, features, cfg["BATCH"][name], tokenizer.pad_token_id, True, bf16=bf16)
     return StepwiseDPOTrainer(
         model=model, args=training_args(cfg, name, out, TrainingArguments, bf16=bf16), train_dataset=PairDataset(features),
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, True),

@@ -151,6 +151,24 @@ def test_precomputed_reference_equals_live_reference(tiny_tokenizer, policy_and_
     assert pre_loss == pytest.approx(live_loss, abs=1e-6)
 
 
+def test_bf16_runs_the_forward_in_bf16(tiny_tokenizer, policy_and_ref):
+    """BF16=true must reach the forward, which sequence_logps runs without model.forward (accelerate's hook)."""
+    policy, ref = policy_and_ref
+    feats = [T.build_features(tiny_tokenizer, r, "step") for r in STEP_ROWS]
+    seen = []
+    hook = policy.get_decoder().layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    losses = {}
+    for bf16 in (False, True):
+        pre = [dict(f) for f in feats]
+        B.precompute_reference(ref, pre, 2, tiny_tokenizer.pad_token_id, True, bf16=bf16)
+        trainer = make_trainer(policy, tiny_tokenizer, pre, {}, bf16=bf16)
+        with torch.no_grad():
+            losses[bf16] = trainer.compute_loss(policy, B.collate(pre, tiny_tokenizer.pad_token_id, True)).item()
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert losses[True] == pytest.approx(losses[False], abs=0.05) and losses[True] != losses[False]
+
+
 def test_accumulation_matches_one_big_batch(tiny_tokenizer, tiny_model):
     rows = [dict(STEP_ROWS[i % 2], chosen=STEP_ROWS[i % 2]["chosen"].replace("apples", "apples" + "!" * i))
             for i in range(8)]
