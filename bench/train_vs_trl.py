@@ -202,6 +202,9 @@ def main(argv):
     if cfg["RUN"]:
         name, system = cfg["RUN"].split(":")
         return run_one(cfg, name, system, ids_file.format(name))
+    missing = sorted({"ours_fp32", "trl_fp32_precomputed"} - set(cfg["SYSTEMS"]))
+    if missing:  # checked before any run: the summary row compares these two
+        raise SystemExit(f"SYSTEMS must include {missing}: the fp32 comparison and the loss check use them")
     _, tokenizer = load_model(cfg["POLICY"])
     random_llama(tokenizer, model_folder(cfg, "llama-30M"))
     results, runs = {}, []
