@@ -87,6 +87,12 @@ def atomic_write_jsonl(path, rows):
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def file_sha256(path):
+    """The first 16 hex digits of a file's SHA-256: names a data file's exact content in a config."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def print_json(obj):
     print(json.dumps(obj), flush=True)
 

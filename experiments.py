@@ -29,14 +29,14 @@ data_utils.VALIDATION, and VARIANTS names other trainer settings of a method, e.
     python experiments.py --RUN_DIR=results/sweep --EVAL_ON=validation --SEEDS='[0, 1]' \\
         --METHODS='["step_dpo", "step_beta0.1"]' --VARIANTS='{"step_beta0.1": ["step_dpo", ["--BETA=0.1"]]}'
 """
-import hashlib
 import json
 import os
 import statistics
 import sys
 import time
 
-from common import Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, print_json
+from common import (Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, file_sha256,
+                    print_json)
 from data_utils import PAIRS_POOL, VALIDATION, load_problems
 from models import fingerprint
 from pairs import pair_quality
@@ -120,11 +120,6 @@ def trainer_settings(args):
     import train_stepwise_dpo
 
     return config_from_argv({k: getattr(train_stepwise_dpo, k) for k in train_stepwise_dpo.CONFIG_KEYS}, args)
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def one_run(cfg, runner, method, seed, scored_on):

@@ -21,7 +21,6 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
 
 Each model folder keeps build_config.json; a build whose config matches it is skipped.
 """
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import time
 
 import torch
 
-from common import atomic_write_json, command_line, config_from_argv, print_json
+from common import atomic_write_json, command_line, config_from_argv, file_sha256, print_json
 from data_utils import PAIRS_POOL, POLICY_GOLD, join_solution, load_problems, split_steps
 from task import check_text, corrupt_solution, drill_equation, label_steps
 from models import fingerprint, load_model, sample
@@ -378,8 +377,7 @@ def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     torch.set_num_threads(cfg["THREADS"])
     problems = load_problems(cfg["TRAIN_FILE"])
-    with open(cfg["TRAIN_FILE"], "rb") as f:
-        data_hash = hashlib.sha256(f.read()).hexdigest()[:16]
+    data_hash = file_sha256(cfg["TRAIN_FILE"])
     targets = [t for t in ("policy", "judge") if cfg["BUILD"] in (t, "both")]
     if not targets:
         raise SystemExit(f"--BUILD must be policy, judge or both, got {cfg['BUILD']!r}")
