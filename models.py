@@ -107,24 +107,17 @@ def fingerprint(path, cache_dir=None):
     return h.hexdigest()[:16]
 
 
-def forward_at(model, rows, cols, **inputs):
-    """(logits at the (rows, cols) positions, the model's KV cache when the inputs ask for one): the decoder
-    runs on every token, the vocabulary projection only where it is read (with a 150k vocabulary the full
-    logits of a batch take GBs). A model wrapped for distributed training (`.module`), or whose head does
-    more than a linear map (logit soft-capping or scaling), takes the plain full-logits path."""
+def logits_at(model, rows, cols, **inputs):
+    """Logits at the (rows, cols) positions only: the decoder runs on every token, the vocabulary projection
+    only where it is read (with a 150k vocabulary the full logits of a batch take GBs). A model wrapped for
+    distributed training (`.module`), or whose head does more than a linear map (logit soft-capping or
+    scaling), takes the plain full-logits path."""
     if not hasattr(model, "module") and not any(getattr(model.config, a, None) for a in (
             "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")):
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         if decoder is not None and head is not None:
-            out = decoder(**inputs)
-            return head(out.last_hidden_state[rows, cols]), out.cache
-    out = model(**inputs)
-    return out.logits[rows, cols], out.cache
-
-
-def logits_at(model, rows, cols, **inputs):
-    """Logits at the (rows, cols) positions only (see forward_at)."""
-    return forward_at(model, rows, cols, **inputs)[0]
+            return head(decoder(**inputs).last_hidden_state[rows, cols])
+    return model(**inputs).logits[rows, cols]
 
 
 def growing_cache():
@@ -160,19 +153,20 @@ def growing_cache():
 
 
 class Rows:
-    """Token rows that grow by chunks of different lengths through one KV cache. feed() appends each row's
-    chunk (right-padded: the padding is masked from every later token, and a row's positions count only its
-    own tokens) and returns every row's next-token logits after its last token (a row fed nothing keeps
-    the logits it had). The generative judge writes its checks on it."""
+    """Token rows that grow by chunks of different lengths through one KV cache (decoding.decoder_for). feed()
+    appends each row's chunk (right-padded: the padding is masked from every later token, and a row's
+    positions count only its own tokens) and returns every row's next-token logits after its last token (a
+    row fed nothing keeps the logits it had). The generative judge writes its checks on it."""
 
     def __init__(self, model, n_rows, pad_id):
         import torch
 
-        self.model, self.pad_id, self.torch = model, pad_id, torch
+        from decoding import decoder_for
+
+        self.pad_id, self.torch = pad_id, torch
         self.device = next(model.parameters()).device
-        self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=self.device)
         self.length = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        self.cache, self.logits = growing_cache(), None
+        self.decoder, self.logits = decoder_for(model, n_rows), None
 
     def feed(self, chunks):
         """chunks: a list of token ids per row, possibly empty. Returns the (rows, vocab) logits."""
@@ -186,11 +180,9 @@ class Rows:
             ids[r, : len(chunk)], real[r, : len(chunk)] = torch.tensor(chunk, dtype=torch.long), 1
         ids, real = ids.to(self.device), real.to(self.device)
         positions = self.length[:, None] + torch.arange(width, device=self.device)[None]
-        self.mask = torch.cat([self.mask, real], dim=1)
         fed = real.sum(1)
-        logits, self.cache = forward_at(self.model, torch.arange(len(chunks), device=self.device),
-                                        (fed - 1).clamp(min=0), input_ids=ids, attention_mask=self.mask,
-                                        position_ids=positions, cache=self.cache, use_cache=True)
+        hidden = self.decoder.forward(ids, positions, real)
+        logits = self.decoder.logits(hidden[torch.arange(len(chunks), device=self.device), (fed - 1).clamp(min=0)])
         self.logits = logits if self.logits is None else torch.where((fed > 0)[:, None], logits, self.logits)
         self.length += fed
         return self.logits
@@ -228,10 +220,13 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
 
     Sample j of prompt i draws its uniform numbers from a generator seeded by sample_seed(seeds[i], j)
     (default seeds[i] = seed + i), one per generated token, so results do not depend on batch size or order.
-    Left padding with explicit position ids; a row that has finished (EOS, or its final answer, checked
-    every 16 tokens) leaves the batch and its KV cache, so the rest run on fewer rows."""
+    Left padding with explicit position ids, decoded by decoding.decoder_for. A row that has finished (EOS, or
+    its final answer, checked every 16 tokens) stops writing; finished rows leave the batch and its KV cache
+    once they are a quarter of it, so the rest run on fewer rows without copying the cache at every exit."""
     import torch
     from tqdm import tqdm
+
+    from decoding import decoder_for
 
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     encoded = [encode(tokenizer, p) for p in prompts]
@@ -248,28 +243,31 @@ def sample(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, max_new_t
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long)
-        live = torch.arange(len(batch))              # the rows still writing, as indices into the batch
+        rows = torch.arange(len(batch))              # the batch index of each decoder row
+        writing = torch.ones(len(batch), dtype=torch.bool)  # decoder rows still writing
         with torch.no_grad():
-            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=growing_cache(),
-                           use_cache=True, logits_to_keep=1)
+            decoder = decoder_for(model, len(batch))
+            logits = decoder.logits(decoder.forward(ids, positions, mask)[:, -1:])[:, -1]
+            one = torch.ones((len(batch), 1), dtype=torch.bool, device=device)
             for t in range(max_new_tokens):
-                next_ids = _pick_tokens(result.logits[:, -1].cpu(), temperature, top_p,
-                                        uniforms[live, t] if uniforms is not None else None)
-                generated[live, t] = next_ids
-                finished = next_ids == eos
+                next_ids = _pick_tokens(logits.cpu(), temperature, top_p,
+                                        uniforms[rows, t] if uniforms is not None else None)
+                generated[rows[writing], t] = next_ids[writing]
+                finished = writing & (next_ids == eos)
                 if t % 16 == 15:  # a solution also ends at its final answer, whatever follows it
-                    texts = tokenizer.batch_decode(generated[live, : t + 1], skip_special_tokens=True)
-                    finished |= torch.tensor([answer_finished(s) for s in texts])
-                if bool(finished.all()):
+                    texts = tokenizer.batch_decode(generated[rows[writing], : t + 1], skip_special_tokens=True)
+                    finished[writing.nonzero().squeeze(1)] |= torch.tensor([answer_finished(s) for s in texts])
+                writing &= ~finished
+                if not bool(writing.any()):
                     break
-                if bool(finished.any()):
-                    keep = (~finished).nonzero().squeeze(1)
-                    live, next_ids, mask, positions = live[keep], next_ids[keep], mask[keep], positions[keep]
-                    result.cache.batch_select_indices(keep.to(device))
-                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
+                # finished rows leave the batch and its KV cache once they are a quarter of it (each removal
+                # copies the whole cache); until then they decode on unread
+                if 4 * int((~writing).sum()) >= len(rows):
+                    keep = writing.nonzero().squeeze(1)
+                    rows, writing, next_ids, positions = rows[keep], writing[keep], next_ids[keep], positions[keep]
+                    decoder.select(keep.to(device))
                 positions = positions[:, -1:] + 1
-                result = model(input_ids=next_ids[:, None].to(device), attention_mask=mask,
-                               position_ids=positions, cache=result.cache, use_cache=True)
+                logits = decoder.logits(decoder.forward(next_ids[:, None].to(device), positions, one[: len(rows)]))[:, -1]
         for r, (i, j) in enumerate(batch):
             row = generated[r].tolist()
             row = row[: row.index(eos)] if eos in row else row

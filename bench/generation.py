@@ -7,7 +7,7 @@ model and batch size, and alternate REPEATS times; each one's fastest time count
 token-for-token the same solutions (asserted), so the comparison is of the same work. Sampled (temperature
 0.7): the tokens differ (each of our rows draws from its own seeded generator), so tokens per second is
 compared. A row records the generated tokens per second of each, the speedup, and the share of each one's
-time spent outside the model's forward (a forward pre- and post-hook times every call). Models: the bundled
+time spent outside the model's forward (ForwardClock). Models: the bundled
 policy and a randomly initialised ~30M-parameter Llama-style model with the same tokenizer (speed does not
 depend on the weights). A solution ends at EOS or at its final answer, checked every 16 tokens, for both:
 model.generate gets a StoppingCriteria that checks the same way (prompts.answer_finished).
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, command_line, config_from_argv, print_json  # noqa: E402
 from data_utils import load_problems  # noqa: E402
+from decoding import LlamaDecoder  # noqa: E402
 from models import load_model, sample  # noqa: E402
 from prompts import answer_finished, encode, policy_prompt, truncate_solution  # noqa: E402
 
@@ -38,12 +39,27 @@ CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
 
 class ForwardClock:
-    """Seconds spent inside a model's forward calls (hooks around every call of the top module)."""
+    """Seconds spent inside the models' forward computation: every call of a model's top module (hooks), and
+    of our decoder's forward and output head (decoding.LlamaDecoder, which runs the model's layers itself)."""
 
-    def __init__(self, model):
+    def __init__(self, models):
         self.seconds, self.start = 0.0, None
-        model.register_forward_pre_hook(lambda *_: setattr(self, "start", time.perf_counter()))
-        model.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self.start))
+        for model in models:
+            model.register_forward_pre_hook(lambda *_: setattr(self, "start", time.perf_counter()))
+            model.register_forward_hook(lambda *_: self.stop())
+        for name in ("forward", "logits"):
+            setattr(LlamaDecoder, name, self.timed(getattr(LlamaDecoder, name)))
+
+    def stop(self):
+        self.seconds += time.perf_counter() - self.start
+
+    def timed(self, fn):
+        def wrapper(*args, **kwargs):
+            self.start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.stop()
+            return out
+        return wrapper
 
 
 def ours(model, tokenizer, prompts, batch, temperature, max_new_tokens):
@@ -123,9 +139,8 @@ def main(argv):
                                        max_position_embeddings=2048, tie_word_embeddings=True,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
     problems = load_problems(cfg["TEST_FILE"])
-    rows = []
+    rows, clock = [], ForwardClock([policy, big])
     for name, model in (("bundled", policy), ("llama-30M", big)):
-        clock = ForwardClock(model)
         prompts = [policy_prompt(tokenizer, p["question"]) for p in problems[: cfg["N_PROMPTS"][name]]]
         for batch in cfg["BATCHES"][name]:
             for temperature in (0.0, cfg["TEMPERATURE"]):
