@@ -27,6 +27,7 @@ RUN_DIR = "results/reference"
 MODE = "step"                     # training mode: step | weighted | outcome
 ROUNDS = 1                        # sample -> judge -> pairs -> train rounds, each from the last round's policy
 N_PROBLEMS = 1000                 # pairs-pool problems per round (fresh ones every round)
+TRAIN_EPOCHS = 4                  # passes over a round's pairs: 4 beat 2 on validation problems at this size (docs/LOG.md)
 STAGE_ARGS = {}                   # extra --KEY=value per stage: {"sft": [...], "judge": [...], "train": [...]}
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
@@ -50,7 +51,8 @@ def stages(cfg):
         out += [(f"judge_{r}", "reward_model.py", [f"--POLICY={policy}", f"--FIRST_PROBLEM={PAIRS_POOL[0] + (r - 1) * n}",
                                                    f"--N_PROBLEMS={n}", f"--OUT_DIR={folder}/judged"]),
                 (f"train_{r}", "train_stepwise_dpo.py", [f"--MODEL={policy}", f"--DATA={folder}/judged/{pairs}",
-                                                         f"--MODE={cfg['MODE']}", f"--OUT_DIR={folder}/train"])]
+                                                         f"--MODE={cfg['MODE']}", f"--EPOCHS={cfg['TRAIN_EPOCHS']}",
+                                                         f"--OUT_DIR={folder}/train"])]
         policy = f"{folder}/train/model"
         if r < rounds:
             out.append((f"eval_{r}", "evaluate.py", [f"--MODEL={policy}", "--K=0", "--JUDGE=", "--JUDGE_EVAL_FILE=",
