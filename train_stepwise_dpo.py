@@ -318,7 +318,7 @@ class JsonlMetrics(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state.global_step]
+                kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= state.global_step]
             atomic_write_text(self.path, "".join(kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -384,13 +384,23 @@ def training_arguments(cfg, out):
         raise SystemExit(f"--TRAINER_ARGS: {e}") from None
 
 
+def checkpoint_complete(folder, step):
+    """True when the trainer state, the last file a save writes, is there and whole. The parent writes it
+    in place, so a kill inside that write leaves an empty or cut file behind."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            return json.load(f).get("global_step") == step
+    except (OSError, ValueError):
+        return False
+
+
 def last_complete_checkpoint(out_dir):
-    """The newest checkpoint-N folder whose trainer state was written (a kill during a save leaves an
-    incomplete folder behind, which must not be resumed from)."""
+    """The newest checkpoint-N folder whose save finished (a kill during a save leaves an incomplete folder
+    behind, which must not be resumed from)."""
     if not os.path.isdir(out_dir):
         return None
     done = [d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and d[11:].isdigit()
-            and os.path.exists(os.path.join(out_dir, d, "trainer_state.json"))]
+            and checkpoint_complete(os.path.join(out_dir, d), int(d[11:]))]
     return os.path.join(out_dir, max(done, key=lambda d: int(d[11:]))) if done else None
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -63,11 +64,15 @@ JUDGE_RUN_OUTPUTS = ["judged.jsonl", "step_pairs.jsonl", "step_pairs_meta.jsonl"
 
 def run_script(script, args, launcher=(sys.executable,), wait=True, timeout=600):
     """Run a repo script as its own process (cwd = the repo root, one OpenMP thread). wait: block, check
-    exit status 0 and return the CompletedProcess; else return the Popen at once (output discarded)."""
+    exit status 0 and return the CompletedProcess; else return the Popen at once (stdout discarded, stderr
+    kept in a temporary file, `proc.stderr_file`, for kill_when to show)."""
     cmd = [*launcher, script, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc.stderr_file = err
+        return proc
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -83,9 +88,13 @@ def kill_when(proc, ready, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    if proc.poll() is not None:
+        proc.stderr_file.seek(0)
+        tail = proc.stderr_file.read()[-3000:].decode(errors="replace")
+        raise AssertionError(f"the run ended (exit status {proc.returncode}) before it could be killed:\n{tail}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr_file.close()
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -374,3 +374,25 @@ def test_trainer_args_unknown_field_is_refused(train_setup, tmp_path):
     with pytest.raises(SystemExit, match="^--TRAINER_ARGS: TrainingArguments has no field 'reprot_to'$"):
         T.main(train_args(train_setup, tmp_path / "run", '--TRAINER_ARGS={"reprot_to": ["tensorboard"]}'))
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_skips_a_checkpoint_whose_trainer_state_was_cut_by_a_kill(train_setup, tmp_path):
+    """The trainer state is the last file a save writes, and it is written in place: a kill inside that write
+    leaves an empty or cut file. Such a checkpoint is passed over, and the resumed run still equals the
+    uninterrupted one."""
+    out = tmp_path / "run"
+    settings = ("--BATCH_SIZE=8", "--MAX_STEPS=8", "--SAVE_STEPS=4")
+    run(train_args(train_setup, out, *settings))
+    full = training_rows(out)
+    state = out / "checkpoint-8" / "trainer_state.json"
+    whole = state.read_text()
+    assert T.last_complete_checkpoint(str(out)) == str(out / "checkpoint-8")
+    for cut in ("", whole[: len(whole) // 2]):
+        state.write_text(cut)
+        assert T.last_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"step": 9, "lo')  # a cut last line
+    run(train_args(train_setup, out, *settings, "--RESUME=true"))
+    resumed = training_rows(out)
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == list(range(1, 9))
+    for a, b in zip(full, resumed):   # float rounding only, as in test_faults.py's kill tests
+        assert {k: pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in a.items()} == b
