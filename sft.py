@@ -14,8 +14,10 @@ AutoModelForCausalLM / AutoTokenizer load as they are.
   reach training only through the policy's own samples and the judge.
 - The judge is trained GenRM-style (Zhang et al. 2024, arXiv 2408.15240) to answer the judge prompt from
   prompts.py with Yes/No, on gold solutions, on automatically corrupted ones (task.corrupt_solution)
-  and on the policy's own samples of gold-set problems, all labelled by the programmatic checker, and,
-  jointly, to write gold solutions (verification alone is one bit per step and learns arithmetic slowly).
+  and on the policy's own samples of gold-set problems, all labelled by the programmatic checker. In check
+  mode (the default) it first writes a check of each step (GenRM-CoT), in three phases: arithmetic drills
+  (JUDGE_DRILL_STEPS), checks (JUDGE_STEPS), then a short warm restart at a low lr with more planted errors
+  (JUDGE_POLISH_STEPS). A one-pass judge can also learn to write gold solutions (JUDGE_SFT_BATCH).
   It learns from every training problem except the pairs pool (JUDGE_HELD_OUT) and never from the test
   set, so no label it learned from belongs to a problem whose samples it later judges.
 
@@ -80,6 +82,9 @@ JUDGE_ANSWER_WEIGHT = 20.0  # check mode: loss weight of the Yes/No answer again
 JUDGE_DRILL_STEPS = 2000  # check mode: steps of arithmetic drills alone before the checks ('Check: 34 + 12 = 46',
 JUDGE_DRILL_BATCH = 16    # the result learned; task.drill_equation), and drill sequences per step in both phases:
 DRILL_LINES = 16          # the computation its checks make, as a dense target; drills per sequence
+JUDGE_POLISH_STEPS = 200  # then a warm restart at a low lr (the judge measured under-trained after JUDGE_STEPS,
+JUDGE_POLISH_LR = 2e-4    # docs/LOG.md 2026-12-03), with its own draws (SEED + 3), no drills (the sums are learned
+JUDGE_POLISH_CORRUPT = 0.8  # by then) and more planted errors: the steps after an error are where it is weakest
 # shared optimizer details
 WARMUP_STEPS = 50
 WEIGHT_DECAY = 0.01
@@ -311,12 +316,14 @@ def build_judge(cfg, tokenizer, problems):
                                  [check_text(gold, k, s) for k, s in enumerate(steps)])
         return judge_example(tokenizer, p["question"], steps, labels)
 
+    phase = {"corrupt": cfg["CORRUPT_PROB"], "drills": checks and cfg["JUDGE_DRILL_BATCH"]}
+
     def draw():
-        """A judge example: a policy sample, else a gold solution, corrupted with probability CORRUPT_PROB."""
+        """A judge example: a policy sample, else a gold solution, corrupted with probability phase["corrupt"]."""
         if samples and rng.random() < cfg["SAMPLE_PROB"]:
             return example(*rng.choice(samples))
         p, steps, final = rng.choice(parsed)
-        if rng.random() < cfg["CORRUPT_PROB"]:
+        if rng.random() < phase["corrupt"]:
             steps, final, _ = corrupt_solution(steps, final, rng, p["question"])
         return example(p, steps)
 
@@ -348,7 +355,7 @@ def build_judge(cfg, tokenizer, problems):
         if cfg["JUDGE_SFT_BATCH"]:
             ids, mask, labels = collate(next(solutions), tokenizer.pad_token_id)
             loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        return loss + drill_loss(model) if checks and cfg["JUDGE_DRILL_BATCH"] else loss
+        return loss + drill_loss(model) if phase["drills"] else loss
 
     def drill_loss(model):
         drills = [drill_example(tokenizer, rng, cfg["DRILL_LINES"]) for _ in range(cfg["JUDGE_DRILL_BATCH"])]
@@ -361,6 +368,11 @@ def build_judge(cfg, tokenizer, problems):
                            cfg["WARMUP_STEPS"], cfg["WEIGHT_DECAY"], "judge: arithmetic drills")
     losses += train_lm(model, batch_loss, cfg["JUDGE_STEPS"], cfg["JUDGE_LR"], cfg["WARMUP_STEPS"],
                        cfg["WEIGHT_DECAY"], "judge")
+    if cfg["JUDGE_POLISH_STEPS"]:
+        rng.seed(cfg["SEED"] + 3)   # the same draws whatever the phases before drew
+        phase.update(corrupt=cfg["JUDGE_POLISH_CORRUPT"], drills=False)
+        losses += train_lm(model, batch_loss, cfg["JUDGE_POLISH_STEPS"], cfg["JUDGE_POLISH_LR"], cfg["WARMUP_STEPS"],
+                           cfg["WEIGHT_DECAY"], "judge: polish")
     return model, losses, tokenizer
 
 
@@ -369,7 +381,8 @@ POLICY_KEYS = ["VOCAB_SIZE", "POLICY_HIDDEN", "POLICY_LAYERS", "POLICY_HEADS", "
 JUDGE_KEYS = ["VOCAB_SIZE", "JUDGE_HIDDEN", "JUDGE_LAYERS", "JUDGE_HEADS", "JUDGE_MLP", "JUDGE_STEPS",
               "JUDGE_BATCH", "JUDGE_LR", "CORRUPT_PROB", "JUDGE_SFT_BATCH", "SAMPLE_PROB", "JUDGE_SAMPLE_PROBLEMS",
               "JUDGE_SAMPLE_K", "JUDGE_SAMPLE_TEMPERATURE", "JUDGE_HELD_OUT", "JUDGE_MODE", "JUDGE_MAX_LEN",
-              "JUDGE_ANSWER_WEIGHT", "JUDGE_DRILL_STEPS", "JUDGE_DRILL_BATCH", "DRILL_LINES"]
+              "JUDGE_ANSWER_WEIGHT", "JUDGE_DRILL_STEPS", "JUDGE_DRILL_BATCH", "DRILL_LINES", "JUDGE_POLISH_STEPS",
+              "JUDGE_POLISH_LR", "JUDGE_POLISH_CORRUPT"]
 SHARED_KEYS = ["TRAIN_FILE", "SEED", "WARMUP_STEPS", "WEIGHT_DECAY", "MAX_LEN"]
 
 
