@@ -82,7 +82,7 @@ JUDGE_ANSWER_WEIGHT = 20.0  # check mode: loss weight of the Yes/No answer again
 JUDGE_DRILL_STEPS = 2000  # check mode: steps of arithmetic drills alone before the checks ('Check: 34 + 12 = 46',
 JUDGE_DRILL_BATCH = 16    # the result learned; task.drill_equation), and drill sequences per step in both phases:
 DRILL_LINES = 16          # the computation its checks make, as a dense target; drills per sequence
-JUDGE_POLISH_STEPS = 200  # then a warm restart at a low lr (the judge measured under-trained after JUDGE_STEPS,
+JUDGE_POLISH_STEPS = 600  # then a warm restart at a low lr (the judge measured under-trained after JUDGE_STEPS,
 JUDGE_POLISH_LR = 2e-4    # docs/LOG.md 2026-12-03), with its own draws (SEED + 3), no drills (the sums are learned
 JUDGE_POLISH_CORRUPT = 0.8  # by then) and more planted errors: the steps after an error are where it is weakest
 # shared optimizer details
