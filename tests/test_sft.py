@@ -94,7 +94,7 @@ def test_committed_judge_checks_the_step_where_an_error_was_planted():
     """The committed judge, in the mode it was built for, on 100 test problems with an error planted in each
     (corrupt_solution): it accepts the gold step, rejects the planted arithmetic slips (95% of the policy's
     own first errors; measured 52 of 52 here, gold steps accepted 96 of 100), and its check of the gold step is
-    the gold computation. Wrong operands and operators, the other planted kinds, it rejects far less often (25
+    the gold computation. Wrong operands and operators, the other planted kinds, it rejects far less often (29
     of 48): docs/LOG.md."""
     from reward_model import make_judge
 
