@@ -41,10 +41,11 @@ def default_device():
     return torch.device("cpu")
 
 
-def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=None):
+def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=None, attention=""):
     """(model, tokenizer) from a Hub id, a local folder, or a GGUF file (dequantized by transformers), moved
     to `device` when one is given. A folder holding a LoRA adapter (adapter_config.json, as
-    train_stepwise_dpo.py saves with LORA=true) loads its base model, then the adapter, merged in."""
+    train_stepwise_dpo.py saves with LORA=true) loads its base model, then the adapter, merged in.
+    `attention`: transformers' attn_implementation (eager, sdpa, ...); "" keeps the model's default."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -54,7 +55,7 @@ def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=No
 
         with open(adapter) as f:
             base = json.load(f)["base_model_name_or_path"]
-        model, tokenizer = load_model(base, dtype, trust_remote_code, device)
+        model, tokenizer = load_model(base, dtype, trust_remote_code, device, attention)
         model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
         return model.eval(), tokenizer
     path, kwargs = _source(name_or_path, trust_remote_code)
@@ -63,6 +64,8 @@ def load_model(name_or_path, dtype="float32", trust_remote_code=False, device=No
         from transformers import GgufConfig
 
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if attention:
+        kwargs["attn_implementation"] = attention
     # weights only from safetensors files (never unpickled); a GGUF file is its own format
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                  use_safetensors=None if "gguf_file" in kwargs else True, **kwargs)

@@ -67,6 +67,8 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 GRADIENT_CHECKPOINTING = False    # recompute activations in the backward pass: less memory, ~30% more compute
 BF16 = False                      # bf16 autocast with fp32 master weights (GPU, or a CPU with bf16 units);
                                   # DTYPE=bfloat16 stores weights in bf16
+ATTENTION = ""                    # transformers' attention kernel: "" (the model's default, sdpa for Llama) | sdpa |
+                                  # eager (kernels that take the 4D mask of packed pairs; docs/benchmarks.md)
 LOGGING_STEPS = 5
 SAVE_STEPS = 50                   # checkpoint every N optimizer steps
 SAVE_TOTAL_LIMIT = 2
@@ -408,6 +410,8 @@ def main(argv):
     cfg = config_from_argv({k: globals()[k] for k in CONFIG_KEYS}, argv)
     if cfg["MODE"] not in ("step", "weighted", "outcome"):
         raise SystemExit(f"--MODE must be step, weighted or outcome, got {cfg['MODE']!r}")
+    if cfg["ATTENTION"] not in ("", "sdpa", "eager"):  # flash kernels ignore the mask that keeps packed pairs apart
+        raise SystemExit(f"--ATTENTION must be sdpa or eager (or empty for the model's default), got {cfg['ATTENTION']!r}")
     if cfg["REFERENCE"] not in ("precomputed", "live"):
         raise SystemExit(f"--REFERENCE must be precomputed or live, got {cfg['REFERENCE']!r}")
     torch.set_num_threads(cfg["THREADS"])
@@ -415,7 +419,7 @@ def main(argv):
     out = cfg["OUT_DIR"]
     rows = load_pairs(cfg["DATA"], cfg["MODE"])
     eval_rows = load_pairs(cfg["EVAL_DATA"], cfg["MODE"]) if cfg["EVAL_DATA"] else None
-    model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
+    model, tokenizer = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], attention=cfg["ATTENTION"])
     features = usable_features(tokenizer, rows, cfg, cfg["DATA"])
     eval_features = usable_features(tokenizer, eval_rows, cfg, cfg["EVAL_DATA"]) if eval_rows else None
     args = training_arguments(cfg, out)  # checked before the reference pass
@@ -425,11 +429,12 @@ def main(argv):
         for feats in filter(None, (features, eval_features)):
             key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(feats)}-{int(cfg['PREFIX_SHARING'])}"
             key += "-bf16" if cfg["BF16"] else ""   # the reference in the precision the policy is computed in
+            key += f"-{cfg['ATTENTION']}" if cfg["ATTENTION"] else ""   # and with the same attention kernel
             precompute_reference(model, feats, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
                                  os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"],
                                  cfg["BF16"])
     elif not cfg["LORA"]:
-        ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"])
+        ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], attention=cfg["ATTENTION"])
         ref_model.requires_grad_(False)
     if cfg["LORA"]:
         from peft import LoraConfig, get_peft_model

@@ -12,7 +12,10 @@ run in its own fresh process:
   forward every step);
 - trl_fp32: fp32, no gradient checkpointing, a reference forward every step;
 - trl_fp32_precomputed: fp32, no gradient checkpointing, `precompute_ref_log_probs=True`;
-- trl_bf16_precomputed: bf16 autocast, no gradient checkpointing, `precompute_ref_log_probs=True`.
+- trl_bf16_precomputed: bf16 autocast, no gradient checkpointing, `precompute_ref_log_probs=True`;
+- *_eager: the same with transformers' eager attention (the model loaded with `attn_implementation="eager"`,
+  ours through `--ATTENTION=eager`) instead of the default SDPA kernel, for the bf16 runs of both systems:
+  on a CPU the two kernels trade places between fp32 and bf16.
 Same pairs, same order (sequential), batch size, learning rate, schedule, optimizer and epochs. The runs
 repeat REPEATS times, interleaved, and each configuration's fastest run counts (all runs are kept in the
 file): on a shared machine the speed of one run varies by 10-15%. Each system's fastest configuration is
@@ -44,7 +47,8 @@ POLICY = "models/policy"
 PAIRS = "results/reference/round1/judged/step_pairs.jsonl"   # Math-Step-DPO rows
 OUT_FILE = "results/bench/train_vs_trl.json"
 MODELS = ["bundled", "llama-30M"]
-SYSTEMS = ["ours_fp32", "ours_bf16", "trl_default", "trl_fp32", "trl_fp32_precomputed", "trl_bf16_precomputed"]
+SYSTEMS = ["ours_fp32", "ours_bf16", "ours_bf16_eager", "trl_default", "trl_fp32", "trl_fp32_precomputed",
+           "trl_bf16_precomputed", "trl_bf16_precomputed_eager"]
 N_PAIRS = {"bundled": 512, "llama-30M": 128}            # pairs cycled from PAIRS to this many
 BATCH = {"bundled": 32, "llama-30M": 16}
 EPOCHS = 1
@@ -130,7 +134,7 @@ def trl_trainer(cfg, name, model, tokenizer, system, out):
     extra = {"beta": cfg["BETA"], "loss_type": ["sigmoid"]}
     if system != "trl_default":
         extra |= {"bf16": "bf16" in system, "gradient_checkpointing": False,
-                  "precompute_ref_log_probs": system.endswith("precomputed")}
+                  "precompute_ref_log_probs": "precomputed" in system}
     return DPOTrainer(model=model, args=training_args(cfg, name, out, DPOConfig, **extra),
                       train_dataset=datasets.Dataset.from_list(pair_texts(cfg, name, tokenizer)),
                       processing_class=tokenizer)
@@ -170,12 +174,12 @@ def run_one(cfg, name, system, ids_file):
             return
         with open(ids_file) as f:
             ids = json.load(f)
-        model, tokenizer = load_model(folder)
+        model, tokenizer = load_model(folder, attention="eager" if system.endswith("_eager") else "")
         base = rss_mb("VmRSS")
         reset_peak_rss()
         t0 = time.perf_counter()
         if system.startswith("ours"):
-            trainer = our_trainer(cfg, name, model, tokenizer, ids, out, system == "ours_bf16")
+            trainer = our_trainer(cfg, name, model, tokenizer, ids, out, "bf16" in system)
         else:
             trainer = trl_trainer(cfg, name, model, tokenizer, system, out)
             same = [{k: list(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]

@@ -275,6 +275,25 @@ def test_gradient_checkpointing_gives_the_same_steps(train_setup, tmp_path):
     assert a[-1]["rewards/margins"] != 0.0
 
 
+def test_eager_attention_gives_the_same_steps(train_setup, tmp_path):
+    """--ATTENTION=eager (faster under bf16 on a CPU) trains the same steps as the default SDPA kernel; its
+    reference log-probs are cached apart from SDPA's, and load_model hands the choice to transformers."""
+    model, _ = load_model(train_setup / "policy", attention="eager")
+    assert model.config._attn_implementation == "eager"
+    assert load_model(train_setup / "policy")[0].config._attn_implementation == "sdpa"
+    default, eager = tmp_path / "default", tmp_path / "eager"
+    run(train_args(train_setup, default, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100"))
+    run(train_args(train_setup, eager, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", "--ATTENTION=eager"))
+    a, b = training_rows(default), training_rows(eager)
+    assert len(a) == len(b) == 3 and a[-1]["rewards/margins"] != 0.0
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (ra["step"], key)  # other kernels
+    assert any(p.name.endswith("-eager.json") for p in (train_setup / "cache" / "reference").iterdir())
+    with pytest.raises(SystemExit, match="--ATTENTION must be sdpa or eager"):  # a flash kernel drops the mask
+        T.main(train_args(train_setup, tmp_path / "flash", "--ATTENTION=flash_attention_2"))
+
+
 def test_lora_run_saves_an_adapter_that_load_model_rebuilds(train_setup, tmp_path):
     out = tmp_path / "lora"
     run(train_args(train_setup, out, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", "--LORA=true",
