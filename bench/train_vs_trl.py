@@ -15,7 +15,7 @@ run in its own fresh process:
 - trl_bf16_precomputed: bf16 autocast, no gradient checkpointing, `precompute_ref_log_probs=True`;
 - *_eager: the same with transformers' eager attention (the model loaded with `attn_implementation="eager"`,
   ours through `--ATTENTION=eager`) instead of the default SDPA kernel, for the bf16 runs of both systems:
-  on a CPU the two kernels trade places between fp32 and bf16.
+  which kernel is faster on a CPU depends on the precision and the machine.
 Same pairs, same order (sequential), batch size, learning rate, schedule, optimizer and epochs. The runs
 repeat REPEATS times, interleaved, and each configuration's fastest run counts (all runs are kept in the
 file): on a shared machine the speed of one run varies by 10-15%. Each system's fastest configuration is
