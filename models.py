@@ -169,7 +169,14 @@ class Rows:
         self.pad_id, self.torch = pad_id, torch
         self.device = next(model.parameters()).device
         self.length = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        self.decoder, self.logits = decoder_for(model, n_rows), None
+        self.decoder, self.logits, self.n_rows = decoder_for(model, n_rows), None, n_rows
+
+    def select(self, rows):
+        """Keep these rows (a list of indices, in this order; an index given twice copies its row)."""
+        index = self.torch.tensor(rows, dtype=self.torch.long, device=self.device)
+        self.decoder.select(index)
+        self.length, self.n_rows = self.length[index], len(rows)
+        self.logits = None if self.logits is None else self.logits[index]
 
     def feed(self, chunks):
         """chunks: a list of token ids per row, possibly empty. Returns the (rows, vocab) logits."""

@@ -8,7 +8,7 @@ packed, or BATCH step prompts), and their scores are compared. The packed path b
 similar length together; the per-step path batches the step prompts in the order they arise (solution by
 solution). Each row records the tokens each path runs, padding included and not, so the share of the
 speedup that comes from padding is visible. The two paths alternate REPEATS times and each one's fastest
-time counts (the machine's speed drifts between runs). The generative mode (reward_model.LocalCheckJudge,
+time counts (the machine's speed drifts between runs). The generative mode (judges.LocalCheckJudge,
 greedy checks of at most CHECK_TOKENS tokens) runs on the same solutions; its row records steps per second
 and the tokens the judge wrote per step. Models: the bundled judge and a randomly initialised ~30M-parameter
 Llama-style model with the same tokenizer (speed does not depend on the weights, but the length of a check
@@ -27,7 +27,7 @@ from common import atomic_write_json, command_line, config_from_argv, print_json
 from data_utils import load_problems, split_steps  # noqa: E402
 from models import load_model  # noqa: E402
 from prompts import pack_judge, step_prompt_ids  # noqa: E402
-from reward_model import LocalCheckJudge, LocalJudge  # noqa: E402
+from judges import LocalCheckJudge, LocalJudge  # noqa: E402
 
 # ----------------------------------------------------------------------------- tunables
 JUDGE = "models/judge"

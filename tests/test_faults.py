@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import batching as B
+import judges
 import models
 import reward_model as rm
 import train_stepwise_dpo as T
@@ -216,7 +217,7 @@ def test_judge_failure_keeps_every_scored_step_in_the_cache(server, served, tmp_
     folder = with_samples(tmp_path / "run", reference)
     n_ok = len(sent) * 2 // 5 // 2 * 2 + 1         # odd: a check was answered, its answer request fails
     server.fail_after = n_ok
-    with pytest.raises(rm.JudgeError, match=r"failed after 2 tries: HTTP 500"):
+    with pytest.raises(judges.JudgeError, match=r"failed after 2 tries: HTTP 500"):
         rm.main(served_args(server, folder, f"--JUDGE_MODE={mode}"))
     assert not (folder / "out").exists()           # no output was written from a partial run
     kept = set(sent[:n_ok])

@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
+import judges
 import reward_model as rm
 import sft
-from common import DiskCache
+from common import DiskCache, cache_key
 from conftest import (JUDGE_RUN_ARGS, JUDGE_RUN_OUTPUTS, FakeServer, check_reply, free_port, kill_when, line_count,
                       prompt_score, run_script)
 from data_utils import split_steps
@@ -20,8 +21,8 @@ from prompts import ANSWER_CUE, answer_token_ids, check_answer, check_head, chec
 
 
 def test_yes_probability():
-    assert rm.yes_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
-    assert rm.yes_probability(0.0, -2000.0) == 1.0 and rm.yes_probability(-2000.0, 0.0) == pytest.approx(0.0)
+    assert judges.yes_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert judges.yes_probability(0.0, -2000.0) == 1.0 and judges.yes_probability(-2000.0, 0.0) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("reply, score", [
@@ -34,13 +35,13 @@ def test_yes_probability():
     ({"choices": [{"text": " Perhaps", "logprobs": {"top_logprobs": [{" Perhaps": -0.1}]}}]}, None),
 ])
 def test_parse_reply(reply, score):
-    got = rm.parse_reply(reply)
+    got = judges.parse_reply(reply)
     assert got == score if score is None else got == pytest.approx(score)
 
 
 @pytest.fixture(scope="module")
 def local_judge(tiny_tokenizer, tiny_model):
-    return rm.LocalJudge(tiny_model, tiny_tokenizer, "tiny", packed=True, batch_size=3)
+    return judges.LocalJudge(tiny_model, tiny_tokenizer, "tiny", packed=True, batch_size=3)
 
 
 ITEMS = [("Mia has 12 apples. She finds 3 more apples. How many apples does Mia have now?",
@@ -131,7 +132,7 @@ def plain_checks(model, tok, question, steps, max_tokens):
 
 def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(check_judge):
     model, tok = check_judge
-    judge = rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=3, max_tokens=32)
+    judge = judges.LocalCheckJudge(model, tok, "tiny-check", batch_size=3, max_tokens=32)
     batched = judge.score(ITEMS)
     for (question, steps), got in zip(ITEMS, batched):
         scores, checks = plain_checks(model, tok, question, steps, 32)
@@ -140,31 +141,46 @@ def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(chec
     written = [s for r in batched for s in r["scores"]]
     assert len(written) == 6 and sum(s is not None for s in written) >= 4   # the trained judge reaches its cue
     assert all(c.startswith(" ") and ANSWER_CUE not in c for r in batched for c in r["checks"])
-    cut = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=2).score(ITEMS[1:2])[0]
+    cut = judges.LocalCheckJudge(model, tok, "tiny-check", max_tokens=2).score(ITEMS[1:2])[0]
     assert cut["scores"] == [None] * 3 and all(len(tok(c)["input_ids"]) <= 2 for c in cut["checks"])
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_check_judge_checks_shared_prefixes_once_with_the_scores_of_a_plain_decode(check_judge, monkeypatch, batch_size):
+    model, tok = check_judge
+    (q1, (a, b, c)), (q2, (d, e)) = ITEMS[1], ITEMS[3]
+    items = [(q1, [a, b, c]), (q1, [a, b, e]), (q1, [a, d]), (q2, [a, b]), (q1, [a, b, c]), (q1, [])]
+    assert judges.tree_batches(items, batch_size) == ([[3], [0, 1, 2, 4, 5]] if batch_size == 2 else [[3, 0, 1, 2, 4, 5]])
+    written = []
+    monkeypatch.setattr(judges, "check_step", lambda step: written.append(step) or check_step(step))
+    got = judges.LocalCheckJudge(model, tok, "tiny-check", batch_size=batch_size, max_tokens=32).score(items)
+    assert len(written) == 7          # q1: a, ab, abc, abe, ad; q2: a, ab -- each distinct prefix checked once
+    for (question, steps), result in zip(items, got):
+        scores, checks = plain_checks(model, tok, question, steps, 32)
+        assert result["checks"] == checks and result["scores"] == pytest.approx(scores, abs=1e-5)
 
 
 def test_check_votes_average_sampled_checks_whatever_the_batch(check_judge):
     model, tok = check_judge
-    votes = [rm.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=32, votes=3, temperature=1.0,
+    votes = [judges.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=32, votes=3, temperature=1.0,
                                 seed=4).score(ITEMS) for b in (2, 12)]
     for a, b in zip(*votes):                        # the same checks; scores to float rounding
         assert a["checks"] == b["checks"] and a["scores"] == pytest.approx(b["scores"], abs=1e-6)
-    judge = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=3, temperature=1.0, seed=4)
+    judge = judges.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=3, temperature=1.0, seed=4)
     for item, got in zip(ITEMS, votes[0]):
-        rows = [judge.check_batch([(item, rm.cache_key(4, *item, v))]) for v in range(3)]
+        rows = [judge.check_batch([(item, cache_key(4, *item, v))]) for v in range(3)]
         assert got["checks"] == [checks[0] for _, checks in rows]
         for k in range(len(item[1])):
             scored = [scores[0][k] for scores, _ in rows if scores[0][k] is not None]
             assert got["scores"][k] == (pytest.approx(sum(scored) / len(scored), abs=1e-5) if scored else None)
-    one = rm.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=1).score(ITEMS)
+    one = judges.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32, votes=1).score(ITEMS)
     assert any(v["checks"][0] != o["checks"] for v, o in zip(votes[0], one))   # sampled, not greedy
 
 
 def test_http_judge_scores_each_step_with_retries():
     with FakeServer(score=lambda prompt: 0.9) as server:
         server.plan = ["http429", "http503", "garbage"]
-        judge = rm.HTTPJudge(server.url, "m", api_key="sk-test", timeout=5, retries=3, backoff=0.01)
+        judge = judges.HTTPJudge(server.url, "m", api_key="sk-test", timeout=5, retries=3, backoff=0.01)
         out = judge.score([("Q?", ["a", "b"])])
     assert out[0]["scores"] == pytest.approx([0.9, 0.9]) and len(out[0]["raw"]) == 2
     assert len(server.seen) == 5
@@ -176,7 +192,7 @@ def test_http_judge_scores_each_step_with_retries():
 
 def test_http_check_judge_writes_each_check_then_reads_the_answer_after_it():
     with FakeServer() as server:
-        judge = rm.HTTPCheckJudge(server.url, "m", timeout=5, retries=0, max_tokens=20)
+        judge = judges.HTTPCheckJudge(server.url, "m", timeout=5, retries=0, max_tokens=20)
         out = judge.score([("Q?", ["a", "b"])])
     bodies = [body for _, body, _, _ in server.seen]
     assert len(bodies) == 4                      # per step: the check, then one token after the answer cue
@@ -191,7 +207,7 @@ def test_http_check_judge_writes_each_check_then_reads_the_answer_after_it():
         scores.append(prompt_score(text))
         text += check_answer(scores[-1] >= 0.5)
     assert out == [{"scores": pytest.approx(scores), "checks": checks}]
-    assert judge.template.startswith("check-") and judge.template != rm.ONE_PASS_TEMPLATE
+    assert judge.template.startswith("check-") and judge.template != judges.ONE_PASS_TEMPLATE
 
 
 def test_reward_model_with_served_policy_and_judge(tmp_path):
@@ -316,7 +332,7 @@ TRANSIENT = ["http429", "http500", "http503", "garbage", "no-choices", "sleep0.6
 def test_http_judge_retries_a_transient_fault(fault):
     with FakeServer() as server:
         server.plan = [fault, fault]
-        out = rm.HTTPJudge(server.url, "m", timeout=0.3, retries=2, backoff=0.01).score([("Q?", ["a"])])
+        out = judges.HTTPJudge(server.url, "m", timeout=0.3, retries=2, backoff=0.01).score([("Q?", ["a"])])
     prompt = server.seen[-1][1]["prompt"]
     assert len(server.seen) == 3 and out[0]["scores"] == [pytest.approx(prompt_score(prompt))]
 
@@ -329,23 +345,23 @@ def test_http_judge_retries_a_transient_fault(fault):
 def test_http_judge_gives_up_after_bounded_retries(fault, message):
     with FakeServer(default=fault) as server:
         url = f"http://127.0.0.1:{free_port()}" if fault == "refused" else server.url
-        judge = rm.HTTPJudge(url, "m", timeout=0.3, retries=2, backoff=0.01)
-        with pytest.raises(rm.JudgeError, match=rf"^judge server {url}/v1/completions failed after 3 tries: "
+        judge = judges.HTTPJudge(url, "m", timeout=0.3, retries=2, backoff=0.01)
+        with pytest.raises(judges.JudgeError, match=rf"^judge server {url}/v1/completions failed after 3 tries: "
                                                  rf".*{message}"):
             judge.score([("Q?", ["a"])])
     assert len(server.seen) == (0 if fault == "refused" else 3)
 
 
 def test_http_judge_does_not_retry_a_refused_request():
-    with FakeServer(default="http400") as server, pytest.raises(rm.JudgeError, match="refused the request: HTTP 400"):
-        rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01).score([("Q?", ["a"])])
+    with FakeServer(default="http400") as server, pytest.raises(judges.JudgeError, match="refused the request: HTTP 400"):
+        judges.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01).score([("Q?", ["a"])])
     assert len(server.seen) == 1
 
 
 def test_http_judge_backs_off_exponentially():
     with FakeServer() as server:
         server.plan = ["http429", "http503", "http500"]
-        rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.1).score([("Q?", ["a"])])
+        judges.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.1).score([("Q?", ["a"])])
     times = [t for *_, t in server.seen]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == 3 and all(gap >= 0.1 * 2 ** i for i, gap in enumerate(gaps)), gaps
@@ -354,15 +370,15 @@ def test_http_judge_backs_off_exponentially():
 @pytest.mark.parametrize("action, score", [("text-yes", 1.0), ("text-no", 0.0), ("perhaps", None)])
 def test_http_judge_reads_text_without_logprobs_and_never_guesses(action, score):
     with FakeServer(default=action) as server:
-        out = rm.HTTPJudge(server.url, "m", timeout=5, retries=0).score([("Q?", ["a", "b"])])
+        out = judges.HTTPJudge(server.url, "m", timeout=5, retries=0).score([("Q?", ["a", "b"])])
     assert out[0]["scores"] == [score, score] and len(server.seen) == 2
 
 
 def test_http_judge_reply_of_the_wrong_shape_is_an_error_and_not_cached(tmp_path):
     cache = DiskCache(str(tmp_path / "scores.jsonl"))
     with FakeServer(default="wrong-shape") as server:
-        judge = rm.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01)
+        judge = judges.HTTPJudge(server.url, "m", timeout=5, retries=3, backoff=0.01)
         judge.keep_replies(cache)
-        with pytest.raises(rm.JudgeError, match=r"sent a reply of unexpected shape: .*\"high\""):
+        with pytest.raises(judges.JudgeError, match=r"sent a reply of unexpected shape: .*\"high\""):
             judge.score([("Q?", ["a"])])
     assert len(server.seen) == 1 and cache.entries == {}
