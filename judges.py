@@ -134,9 +134,11 @@ class LocalCheckJudge(LocalJudge):
     steps: the steps form a prefix tree, each node is checked once, and a row of the KV cache is copied where
     the tree branches (the samples of a question share 40% of their steps on the bundled task)."""
 
-    def __init__(self, model, tokenizer, name, batch_size=64, max_tokens=32, votes=1, temperature=0.7, seed=0):
+    def __init__(self, model, tokenizer, name, batch_size=64, max_tokens=32, votes=1, temperature=0.7, seed=0,
+                 tree_nodes=None):
         super().__init__(model, tokenizer, name, True, batch_size)
         self.max_tokens, self.votes, self.temperature, self.seed = max_tokens, votes, temperature, seed
+        self.tree_nodes = tree_nodes or batch_size   # the batch of shared checks: most tree nodes a level
         self.template = check_template(max_tokens, votes, temperature, seed)
         self.cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
 
@@ -144,8 +146,8 @@ class LocalCheckJudge(LocalJudge):
         """items: [(question, steps)] -> [{"scores": [score per step], "checks": [check text per step]}] (with
         votes > 1, "checks" holds one list of checks per vote)."""
         rows = [(i, v) for i in range(len(items)) for v in range(self.votes)]
-        if self.votes == 1:   # a question's solutions in one batch; a batch holds at most batch_size tree nodes a level
-            batches = tree_batches(items, self.batch_size)
+        if self.votes == 1:   # a question's solutions in one batch, at most tree_nodes tree nodes a level
+            batches = tree_batches(items, self.tree_nodes)
         else:
             order = sorted(range(len(rows)), key=lambda r: (len(items[rows[r][0]][1]), len(items[rows[r][0]][0])))
             batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]

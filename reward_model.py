@@ -47,6 +47,8 @@ JUDGE_MODE = "check"              # check: the judge writes a check of each step
 CHECK_TOKENS = 48                 # most tokens of one check; a check cut by it leaves its step unscored
 CHECK_VOTES = 1                   # checks per solution, their P(Yes) averaged (1: one greedy check)
 CHECK_TEMPERATURE = 0.7           # sampling temperature of the checks when CHECK_VOTES > 1
+CHECK_TREE_NODES = 128            # one greedy check: most step-tree nodes a level checked together (fastest of
+                                  # 32-256 on the bundled judge, docs/LOG.md); BATCH_SIZE for sampled checks
 TRAIN_FILE = "data/train.jsonl"   # problems: a JSONL, JSON or parquet file, or hf:REPO:CONFIG:SPLIT (sources.py)
 STEP_DELIMITER = "newline"        # how samples split into steps: newline | blank_line | step | markdown_step
 ANSWER_STYLE = "gsm8k"            # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
@@ -78,8 +80,8 @@ TRUST_REMOTE_CODE = False
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
 JUDGE_KEYS = ["JUDGE_MODEL_NAME", "JUDGE_TOKENIZER", "JUDGE_API_KEY_ENV", "HTTP_TIMEOUT", "HTTP_RETRIES", "HTTP_WORKERS",
-              "JUDGE_LOGPROBS", "JUDGE_MODE", "CHECK_TOKENS", "CHECK_VOTES", "CHECK_TEMPERATURE", "PACKED", "BATCH_SIZE",
-              "DTYPE", "TRUST_REMOTE_CODE", "SEED"]  # what make_judge reads from a script's config
+              "JUDGE_LOGPROBS", "JUDGE_MODE", "CHECK_TOKENS", "CHECK_VOTES", "CHECK_TEMPERATURE", "CHECK_TREE_NODES", "PACKED",
+              "BATCH_SIZE", "DTYPE", "TRUST_REMOTE_CODE", "SEED"]  # what make_judge reads from a script's config
 
 def make_judge(spec, cfg=None):
     """A judge from a spec: an http(s):// base URL (a served model), a local folder / Hub id / .gguf file, or
@@ -100,7 +102,7 @@ def make_judge(spec, cfg=None):
         return HTTPCheckJudge(*served, **generation) if checks else HTTPJudge(*served)
     model, tok = load_model(spec, c["DTYPE"], c["TRUST_REMOTE_CODE"], default_device())
     if checks:
-        return LocalCheckJudge(model, tok, spec, c["BATCH_SIZE"], **generation)
+        return LocalCheckJudge(model, tok, spec, c["BATCH_SIZE"], **generation, tree_nodes=c["CHECK_TREE_NODES"])
     return LocalJudge(model, tok, spec, c["PACKED"], c["BATCH_SIZE"])
 
 
