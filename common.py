@@ -152,15 +152,18 @@ def cache_key(*parts):
 
 def chunked_cached(cache, keys, compute, chunk, desc):
     """Values for `keys`, computing missing ones with compute(indices) -> values in fixed chunks of the
-    full key list. Chunks are the same on every run, so a resumed run batches exactly as a fresh one and
-    produces bit-identical numbers. Returns (values, number computed)."""
+    full key list; a key that a chunk holds more than once is computed once. Chunks are the same on every
+    run, so a resumed run batches exactly as a fresh one and produces bit-identical numbers. Returns
+    (values, number of distinct keys computed)."""
     from tqdm import tqdm
 
     todo = [start for start in range(0, len(keys), chunk)
             if any(k not in cache for k in keys[start:start + chunk])]
     computed = 0
     for start in tqdm(todo, desc=desc, disable=not todo):
-        idx = list(range(start, min(start + chunk, len(keys))))
+        if all(k in cache for k in keys[start:start + chunk]):   # its keys came with an earlier chunk
+            continue
+        idx = sorted({keys[i]: i for i in reversed(range(start, min(start + chunk, len(keys))))}.values())
         values = compute(idx)
         cache.put_many([(keys[i], v) for i, v in zip(idx, values)])
         computed += len(idx)

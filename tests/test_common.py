@@ -75,6 +75,19 @@ def test_chunked_cache_computes_only_missing_chunks(tmp_path):
     assert chunked_cached(DiskCache(str(tmp_path / "c.jsonl")), keys, compute, 3, "t") == (values, 0)
 
 
+def test_chunked_cache_computes_a_repeated_key_once_per_chunk(tmp_path):
+    calls = []
+
+    def compute(idx):
+        calls.append(idx)
+        return [i * 10 for i in idx]
+
+    keys = ["a", "b", "a", "c", "b", "c", "a", "d", "a"]         # chunks [a b a c] [b c a d] [a]
+    values, computed = chunked_cached(DiskCache(str(tmp_path / "c.jsonl")), keys, compute, 4, "t")
+    assert calls == [[0, 1, 3], [4, 5, 6, 7]] and computed == 7  # the last chunk's key came with the first
+    assert values == [0, 10, 0, 30, 10, 30, 0, 70, 0]             # a key keeps the value computed first
+
+
 def test_stages_run_scripts_in_order_and_stop_at_a_failure(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ok.py").write_text("import sys\nopen('ok.txt', 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
