@@ -141,6 +141,14 @@ class LocalCheckJudge(LocalJudge):
         self.tree_nodes = tree_nodes or batch_size   # the batch of shared checks: most tree nodes a level
         self.template = check_template(max_tokens, votes, temperature, seed)
         self.cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        self.stop_below = None
+
+    def stop_at_errors(self, threshold):
+        """From now on stop checking a solution at its first step scored under `threshold`: the steps after it
+        stay unscored (None) and without a check. One greedy check only; returns whether it applies."""
+        if self.votes == 1:
+            self.stop_below, self.template = threshold, check_template(self.max_tokens, 1, 0, 0) + f"-stop{threshold}"
+        return self.votes == 1
 
     def score(self, items):
         """items: [(question, steps)] -> [{"scores": [score per step], "checks": [check text per step]}] (with
@@ -172,8 +180,11 @@ class LocalCheckJudge(LocalJudge):
         rows = Rows(self.model, len(roots), tok.pad_token_id)
         pending = [encode(tok, check_head(tok, q if shared else batch[q][0][0])) for q in roots]
         scores, checks = [[None] * len(s) for s in steps], [[None] * len(s) for s in steps]
+        stopped = set()                                      # entries past a rejected step (stop_at_errors)
         for k in range(max(map(len, steps), default=0)):
-            entries = [e for e in range(len(batch)) if k < len(steps[e])]
+            entries = [e for e in range(len(batch)) if k < len(steps[e]) and e not in stopped]
+            if not entries:
+                break
             if shared:            # one row per distinct (parent row, step): copy rows where the tree branches
                 nodes = list(dict.fromkeys((row[e], steps[e][k]) for e in entries))
                 at = {node: n for n, node in enumerate(nodes)}
@@ -221,6 +232,8 @@ class LocalCheckJudge(LocalJudge):
                                                                       add_special_tokens=False)["input_ids"]
             for e in entries:
                 scores[e][k], checks[e][k] = got[row[e]]
+                if self.stop_below is not None and scores[e][k] is not None and scores[e][k] < self.stop_below:
+                    stopped.add(e)
         return scores, checks
 
 

@@ -49,7 +49,8 @@ def stages(cfg):
     for r in range(1, rounds + 1):
         folder = f"{run}/round{r}"
         out += [(f"judge_{r}", "reward_model.py", [f"--POLICY={policy}", f"--FIRST_PROBLEM={PAIRS_POOL[0] + (r - 1) * n}",
-                                                   f"--N_PROBLEMS={n}", f"--OUT_DIR={folder}/judged"]),
+                                                   f"--N_PROBLEMS={n}", f"--OUT_DIR={folder}/judged",
+                                                   f"--JUDGE_PAST_ERROR={cfg['MODE'] != 'step'}"]),
                 (f"train_{r}", "train_stepwise_dpo.py", [f"--MODEL={policy}", f"--DATA={folder}/judged/{pairs}",
                                                          f"--MODE={cfg['MODE']}", f"--EPOCHS={cfg['TRAIN_EPOCHS']}",
                                                          f"--OUT_DIR={folder}/train"])]

@@ -13,7 +13,7 @@ def test_each_round_trains_the_last_rounds_policy_on_fresh_pool_problems():
                             "train_2", "eval_trained"]
     first = PAIRS_POOL[0]
     assert stages["judge_1"][1] == ["--POLICY=models/policy", f"--FIRST_PROBLEM={first}", "--N_PROBLEMS=700",
-                                    "--OUT_DIR=run/round1/judged"]
+                                    "--OUT_DIR=run/round1/judged", "--JUDGE_PAST_ERROR=False"]   # step pairs need no more
     assert stages["train_1"][1] == ["--MODEL=models/policy", "--DATA=run/round1/judged/step_pairs.jsonl", "--MODE=step",
                                     "--EPOCHS=3", "--OUT_DIR=run/round1/train"]
     assert stages["eval_1"][1][:2] == ["--MODEL=run/round1/train/model", "--K=0"]
@@ -23,6 +23,8 @@ def test_each_round_trains_the_last_rounds_policy_on_fresh_pool_problems():
     assert stages["eval_trained"][1][0] == "--MODEL=run/round2/train/model"
     outcome = {name: args for name, _, args in pipeline.stages(CFG | {"MODE": "outcome", "ROUNDS": 1})}
     assert outcome["train_1"][1] == "--DATA=run/round1/judged/outcome_pairs.jsonl"
+    weighted = {name: args for name, _, args in pipeline.stages(CFG | {"MODE": "weighted", "ROUNDS": 1})}
+    assert weighted["judge_1"][-1] == "--JUDGE_PAST_ERROR=True"   # weighted pairs need every step scored
 
 
 def test_rounds_that_need_more_problems_than_the_pool_are_refused():

@@ -160,6 +160,25 @@ def test_check_judge_checks_shared_prefixes_once_with_the_scores_of_a_plain_deco
         assert result["checks"] == checks and result["scores"] == pytest.approx(scores, abs=1e-5)
 
 
+@pytest.mark.parametrize("threshold", [0.5, 1.01])
+def test_check_judge_stops_at_the_first_rejected_step_when_asked(check_judge, threshold):
+    model, tok = check_judge
+    (q1, (a, b, c)), (q2, (d, e)) = ITEMS[1], ITEMS[3]
+    items = [(q1, [a, b, c]), (q1, [a, d]), (q2, [d, e, a]), (q2, [e, d])]
+    judge = judges.LocalCheckJudge(model, tok, "tiny-check", max_tokens=32)
+    plain_template = judge.template
+    assert judge.stop_at_errors(threshold) and judge.template != plain_template   # its own cache entries
+    stopped = 0
+    for (question, steps), got in zip(items, judge.score(items)):
+        scores, checks = plain_checks(model, tok, question, steps, 32)
+        n = next((k + 1 for k, x in enumerate(scores) if x is not None and x < threshold), len(steps))
+        stopped += n < len(steps)
+        assert got["checks"] == checks[:n] + [None] * (len(steps) - n)
+        assert got["scores"][:n] == pytest.approx(scores[:n], abs=1e-5) and got["scores"][n:] == [None] * (len(steps) - n)
+    assert stopped >= (4 if threshold > 1 else 0)    # above 1 every scored step is rejected
+    assert not judges.LocalCheckJudge(model, tok, "tiny-check", votes=2).stop_at_errors(0.5)   # sampled checks: all
+
+
 def test_check_votes_average_sampled_checks_whatever_the_batch(check_judge):
     model, tok = check_judge
     votes = [judges.LocalCheckJudge(model, tok, "tiny-check", batch_size=b, max_tokens=32, votes=3, temperature=1.0,
@@ -228,7 +247,9 @@ def check_served_run(server, tmp_path):
     policy_bodies = [b for _, b, _, _ in server.seen if b["max_tokens"] > 1]
     judge_bodies = [b for _, b, _, _ in server.seen if b["max_tokens"] == 1]
     assert len(policy_bodies) == 9 and {b["model"] for b in policy_bodies} == {"pol"}
-    assert len(judge_bodies) == 18 and {(b["model"], b["logprobs"]) for b in judge_bodies} == {("jud", 20)}
+    distinct = {(r["prompt"], tuple(r["completions"])) for r in judged}   # a repeated sample is scored once
+    assert len(distinct) < 9 and len(judge_bodies) == 2 * len(distinct)
+    assert {(b["model"], b["logprobs"]) for b in judge_bodies} == {("jud", 20)}
     assert policy_bodies[0]["prompt"].startswith("Question: ")  # no POLICY_TOKENIZER: the plain template
     before = (tmp_path / "out" / "judged.jsonl").read_bytes()
     server.seen.clear()
@@ -278,7 +299,8 @@ def test_outputs_and_counts(fresh):
     counts = json.loads((out / "counts.json").read_text())
     assert counts["samples"] == 48 and counts["correct_samples"] == sum(r["correct"] for r in judged)
     assert counts["step_pairs"] == sum(counts["step_pairs_by_source"].values())
-    assert printed["computed"]["samples"] == 12 and printed["computed"]["scored"] == 48
+    distinct = len({(r["prompt"], tuple(r["completions"])) for r in judged})   # a repeated sample is scored once
+    assert printed["computed"]["samples"] == 12 and printed["computed"]["scored"] == distinct
     config = json.loads((out / "config.json").read_text())
     assert "reward_model.py" in config["command"] and config["K"] == 4
 
