@@ -23,7 +23,8 @@ import time
 from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, chunked_cached, command_line,
                     config_from_argv, print_json)
 from data_utils import PAIRS_POOL, load_problems, split_steps
-from judges import HTTPCheckJudge, HTTPJudge, LocalCheckJudge, LocalJudge, ONE_PASS_TEMPLATE
+import judges
+from judges import HTTPCheckJudge, HTTPJudge, LocalCheckJudge, LocalJudge
 from task import OracleJudge
 from models import default_device, load_model, load_tokenizer, make_policy
 from pairs import build_step_pairs, first_error, full_pair, parse_solution
@@ -97,7 +98,7 @@ def make_judge(spec, cfg=None):
     generation = {"max_tokens": c["CHECK_TOKENS"], "votes": c["CHECK_VOTES"], "temperature": c["CHECK_TEMPERATURE"],
                   "seed": c["SEED"]}
     if spec.startswith("oracle:"):
-        return OracleJudge(spec[len("oracle:"):], ONE_PASS_TEMPLATE)
+        return OracleJudge(spec[len("oracle:"):], judges.ONE_PASS_TEMPLATE)
     if spec.startswith(("http://", "https://")):
         tok = load_tokenizer(c["JUDGE_TOKENIZER"], c["TRUST_REMOTE_CODE"]) if c["JUDGE_TOKENIZER"] else None
         served = (spec, c["JUDGE_MODEL_NAME"], tok, os.environ.get(c["JUDGE_API_KEY_ENV"]), c["HTTP_TIMEOUT"],
@@ -217,7 +218,8 @@ def main(argv):
     }
     # what this run computed rather than found in the cache (differs between a resumed and a fresh run)
     run_log = {"computed": computed, "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(os.path.join(out, "config.json"), cfg | {"judge_id": judge.id, "command": command_line(__file__, argv)})
+    atomic_write_json(os.path.join(out, "config.json"), cfg | {"judge_id": judge.id, "judge_template": judge.template,
+                                                               "command": command_line(__file__, argv)})
     atomic_write_jsonl(os.path.join(out, "judged.jsonl"), judged)
     atomic_write_jsonl(os.path.join(out, "step_pairs.jsonl"), [row for row, _ in step_pairs])
     atomic_write_jsonl(os.path.join(out, "step_pairs_meta.jsonl"), [meta for _, meta in step_pairs])
