@@ -218,7 +218,7 @@ def _pick_tokens(logits, temperature, top_p, uniforms=None):
     if probs.device.type == "cpu":   # numpy's sort takes a third of torch's time here (the same sorted values)
         import numpy as np
 
-        order = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1))
+        order = torch.from_numpy(np.argsort(-probs.detach().numpy(), axis=-1))
         sorted_probs = probs.gather(1, order)
     else:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
