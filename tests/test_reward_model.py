@@ -145,9 +145,13 @@ def test_check_judge_writes_checks_as_a_plain_decode_would_batched_or_alone(chec
     assert cut["scores"] == [None] * 3 and all(len(tok(c)["input_ids"]) <= 2 for c in cut["checks"])
 
 
-@pytest.mark.parametrize("batch_size", [2, 64])
-def test_check_judge_checks_shared_prefixes_once_with_the_scores_of_a_plain_decode(check_judge, monkeypatch, batch_size):
+@pytest.mark.parametrize("batch_size, own_forward", [(2, False), (64, False), (64, True)])
+def test_check_judge_checks_shared_prefixes_once_with_the_scores_of_a_plain_decode(check_judge, monkeypatch, batch_size,
+                                                                                  own_forward):
     model, tok = check_judge
+    if own_forward:   # the decoder of models that LlamaDecoder does not take: copying rows of its cache
+        import decoding
+        monkeypatch.setattr(decoding.LlamaDecoder, "supports", staticmethod(lambda model: False))
     (q1, (a, b, c)), (q2, (d, e)) = ITEMS[1], ITEMS[3]
     items = [(q1, [a, b, c]), (q1, [a, b, e]), (q1, [a, d]), (q2, [a, b]), (q1, [a, b, c]), (q1, [])]
     assert judges.tree_batches(items, batch_size) == ([[3], [0, 1, 2, 4, 5]] if batch_size == 2 else [[3, 0, 1, 2, 4, 5]])
