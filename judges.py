@@ -147,7 +147,8 @@ class LocalCheckJudge(LocalJudge):
         """From now on stop checking a solution at its first step scored under `threshold`: the steps after it
         stay unscored (None) and without a check. One greedy check only; returns whether it applies."""
         if self.votes == 1:
-            self.stop_below, self.template = threshold, check_template(self.max_tokens, 1, 0, 0) + f"-stop{threshold}"
+            self.stop_below = threshold
+            self.template = check_template(self.max_tokens, 1, self.temperature, self.seed) + f"-stop{threshold}"
         return self.votes == 1
 
     def score(self, items):
@@ -176,7 +177,8 @@ class LocalCheckJudge(LocalJudge):
         gens = [torch.Generator().manual_seed(int(key[:15], 16)) for _, key in batch] if not shared else None
         # the tree: node (level k) of entry e is its key among the level's distinct keys; row[e] its row in the cache
         roots = list(dict.fromkeys(q for (q, _), _ in batch)) if shared else list(range(len(batch)))
-        row = [roots.index(q) for (q, _), _ in batch] if shared else list(range(len(batch)))
+        root_row = {q: r for r, q in enumerate(roots)}
+        row = [root_row[q] for (q, _), _ in batch] if shared else list(range(len(batch)))
         rows = Rows(self.model, len(roots), tok.pad_token_id)
         pending = [encode(tok, check_head(tok, q if shared else batch[q][0][0])) for q in roots]
         scores, checks = [[None] * len(s) for s in steps], [[None] * len(s) for s in steps]

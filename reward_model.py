@@ -191,10 +191,11 @@ def main(argv):
                                                        cfg["CHOSEN_ACCEPTED"])
 
     # 4. whole-solution pairs: picked by the judge (weighted DPO), and by the final answer alone (outcome DPO)
-    full_pairs, outcome_pairs = ([p for q, g, row in zip(questions, gold, solutions)
-                                  if (p := full_pair(q, g, row, by_judge))] for by_judge in (not stopping, False))
-    if stopping:   # the judge left steps unscored: whole-solution pairs picked by it would be wrong
-        full_pairs = []
+    def whole_pairs(by_judge):
+        return [p for q, g, row in zip(questions, gold, solutions) if (p := full_pair(q, g, row, by_judge))]
+
+    full_pairs = [] if stopping else whole_pairs(True)   # a judge that stopped at errors left steps unscored
+    outcome_pairs = whole_pairs(False)
 
     out = cfg["OUT_DIR"]
     judged = [{"prompt": q, "completions": s["steps"], "labels": [x is not None and x >= cfg["THRESHOLD"]
@@ -202,13 +203,14 @@ def main(argv):
                "step_scores": s["scores"], "final": s["final"], "answer": g, "correct": s["correct"],
                "raw": s["raw"]} | ({"checks": s["checks"]} if s["checks"] is not None else {})
               for q, g, row in zip(questions, gold, solutions) for s in row]
-    unscored = [(s["scores"], first_error(s["scores"], cfg["THRESHOLD"]) if stopping else -1) for s in flat]
-    unparseable = sum(x is None for scores, e in unscored for x in (scores[: e + 1] if e >= 0 else scores))
+    # the steps the judge checked: all, or up to the first rejected one when it stopped at errors
+    checked = [s["scores"][: e + 1] if stopping and (e := first_error(s["scores"], cfg["THRESHOLD"])) >= 0
+               else s["scores"] for s in flat]
     counts = {
         "problems": len(problems), "samples": len(flat), "correct_samples": sum(s["correct"] for s in flat),
-        "steps_scored": sum(len(s) - (len(s) - e - 1 if e >= 0 else 0) for s, e in unscored),
-        "unparseable_judge_replies": unparseable,
-        "steps_after_a_rejected_step_unchecked": sum(len(s) - e - 1 for s, e in unscored if e >= 0),
+        "steps_scored": sum(map(len, checked)),
+        "unparseable_judge_replies": sum(x is None for scores in checked for x in scores),
+        "steps_after_a_rejected_step_unchecked": sum(len(s["scores"]) for s in flat) - sum(map(len, checked)),
         "step_pairs": len(step_pairs),
         "step_pairs_by_source": {src: sum(m["source"] == src for _, m in step_pairs)
                                  for src in ("other_sample", "rectified")},
