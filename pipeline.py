@@ -28,6 +28,7 @@ MODE = "step"                     # training mode: step | weighted | outcome
 ROUNDS = 1                        # sample -> judge -> pairs -> train rounds, each from the last round's policy
 N_PROBLEMS = 1000                 # pairs-pool problems per round (fresh ones every round)
 TRAIN_EPOCHS = 4                  # passes over a round's pairs: 4 beat 2 on validation problems at this size (docs/LOG.md)
+TRAIN_LR = 1e-5                   # 4 passes at 1e-5 beat the trainer's 5e-5 on validation problems, 3 seeds (docs/LOG.md)
 STAGE_ARGS = {}                   # extra --KEY=value per stage: {"sft": [...], "judge": [...], "train": [...]}
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
 
@@ -53,6 +54,7 @@ def stages(cfg):
                                                    f"--JUDGE_PAST_ERROR={cfg['MODE'] != 'step'}"]),
                 (f"train_{r}", "train_stepwise_dpo.py", [f"--MODEL={policy}", f"--DATA={folder}/judged/{pairs}",
                                                          f"--MODE={cfg['MODE']}", f"--EPOCHS={cfg['TRAIN_EPOCHS']}",
+                                                         f"--LR={cfg['TRAIN_LR']}",
                                                          f"--OUT_DIR={folder}/train"])]
         policy = f"{folder}/train/model"
         if r < rounds:

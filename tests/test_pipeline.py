@@ -4,7 +4,8 @@ import pytest
 import pipeline
 from data_utils import PAIRS_POOL
 
-CFG = {"RUN_DIR": "run", "MODE": "step", "ROUNDS": 2, "N_PROBLEMS": 700, "TRAIN_EPOCHS": 3, "STAGE_ARGS": {}}
+CFG = {"RUN_DIR": "run", "MODE": "step", "ROUNDS": 2, "N_PROBLEMS": 700, "TRAIN_EPOCHS": 3, "TRAIN_LR": 2e-5,
+       "STAGE_ARGS": {}}
 
 
 def test_each_round_trains_the_last_rounds_policy_on_fresh_pool_problems():
@@ -15,7 +16,7 @@ def test_each_round_trains_the_last_rounds_policy_on_fresh_pool_problems():
     assert stages["judge_1"][1] == ["--POLICY=models/policy", f"--FIRST_PROBLEM={first}", "--N_PROBLEMS=700",
                                     "--OUT_DIR=run/round1/judged", "--JUDGE_PAST_ERROR=False"]   # step pairs need no more
     assert stages["train_1"][1] == ["--MODEL=models/policy", "--DATA=run/round1/judged/step_pairs.jsonl", "--MODE=step",
-                                    "--EPOCHS=3", "--OUT_DIR=run/round1/train"]
+                                    "--EPOCHS=3", "--LR=2e-05", "--OUT_DIR=run/round1/train"]
     assert stages["eval_1"][1][:2] == ["--MODEL=run/round1/train/model", "--K=0"]
     assert stages["judge_2"][1][:3] == ["--POLICY=run/round1/train/model", f"--FIRST_PROBLEM={first + 700}",
                                         "--N_PROBLEMS=700"]
