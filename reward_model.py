@@ -23,8 +23,8 @@ import time
 from common import (DiskCache, atomic_write_json, atomic_write_jsonl, cache_key, chunked_cached, command_line,
                     config_from_argv, print_json)
 from data_utils import PAIRS_POOL, load_problems, split_steps
-import judges
 from judges import HTTPCheckJudge, HTTPJudge, LocalCheckJudge, LocalJudge
+from judges import ONE_PASS_TEMPLATE as one_pass_template   # lower case: CONFIG_KEYS takes upper-case names as tunables
 from task import OracleJudge
 from models import default_device, load_model, load_tokenizer, make_policy
 from pairs import build_step_pairs, first_error, full_pair, parse_solution
@@ -98,7 +98,7 @@ def make_judge(spec, cfg=None):
     generation = {"max_tokens": c["CHECK_TOKENS"], "votes": c["CHECK_VOTES"], "temperature": c["CHECK_TEMPERATURE"],
                   "seed": c["SEED"]}
     if spec.startswith("oracle:"):
-        return OracleJudge(spec[len("oracle:"):], judges.ONE_PASS_TEMPLATE)
+        return OracleJudge(spec[len("oracle:"):], one_pass_template)
     if spec.startswith(("http://", "https://")):
         tok = load_tokenizer(c["JUDGE_TOKENIZER"], c["TRUST_REMOTE_CODE"]) if c["JUDGE_TOKENIZER"] else None
         served = (spec, c["JUDGE_MODEL_NAME"], tok, os.environ.get(c["JUDGE_API_KEY_ENV"]), c["HTTP_TIMEOUT"],
