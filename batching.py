@@ -38,8 +38,8 @@ def pack_rows(lengths, width):
     return balanced if max(fill) < width - min(room) else rows
 
 
-def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
-    """A batch for StepwiseDPOTrainer.
+def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0, tree=False):
+    """A batch for StepwiseDPOTrainer (`tree`: collate_tree's layout).
 
     Prefix-shared (default): each pair is one segment [prompt, chosen, rejected]. Rejected tokens do not
     see chosen tokens and take the positions chosen tokens would have (restarting after the prompt);
@@ -54,6 +54,8 @@ def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
     scored); `pair` maps every position to its pair (n for padding) for the per-pair sums. In the shared
     layout the first rejected token is predicted from the last prompt position, which chosen's first
     token also uses, so it is gathered separately (`first_rejected` at `first_row`, `last_prompt`)."""
+    if tree:
+        return collate_tree(features, pad_id, pack_factor)
     n = len(features)
     sizes = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
     if prefix_sharing:
@@ -117,6 +119,93 @@ def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0):
     return batch
 
 
+def collate_tree(features, pad_id, pack_factor=2.0):
+    """A batch whose pairs of one problem (features with the same `group`, the question) share one token tree:
+    every [prompt, chosen] and [prompt, rejected] sequence of the group is a path of a trie, so the question,
+    the judge-accepted prefixes and the tokens chosen and rejected steps begin with are computed once. A
+    trie's tokens are laid out in the order they were first met (a node after its parent), their position
+    ids are their depths, and a token sees exactly itself and its ancestors (`visible`). Tries are packed
+    into rows as pairs are in `collate`. Every scored token is an entry: the row and column that predict it,
+    its id, its pair, side (0 chosen, 1 rejected) and weight; one position may predict tokens of several
+    pairs. Exact: each token is computed from the same context as in separate forwards."""
+    groups = {}
+    for i, f in enumerate(features):
+        groups.setdefault(f.get("group", i), []).append(i)
+    tries = []                                  # per group: (token ids, parents, depths, {(pair, side): node path})
+    for members in groups.values():
+        ids, parent, depth, paths, children = [], [], [], {}, {}
+        for i in members:
+            f = features[i]
+            for side, completion in enumerate((f["chosen_ids"], f["rejected_ids"])):
+                node, path = -1, []
+                for token in f["prompt_ids"] + completion:
+                    child = children.get((node, token))
+                    if child is None:
+                        child = children[(node, token)] = len(ids)
+                        ids.append(token)
+                        parent.append(node)
+                        depth.append(depth[node] + 1 if node >= 0 else 0)
+                    node = child
+                    path.append(node)
+                paths[(i, side)] = path
+        tries.append((ids, parent, depth, paths))
+    sizes = [len(t[0]) for t in tries]
+    rows = pack_rows(sizes, int(pack_factor * max(sizes)))
+    width = max(sum(sizes[t] for t in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    visible = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)   # padding sees only itself
+    entries = []                                # (row, column, target, pair, side, weight)
+    for r, row in enumerate(rows):
+        offset = 0
+        for t in row:
+            ids, parent, depth, paths = tries[t]
+            n = len(ids)
+            input_ids[r, offset:offset + n] = torch.tensor(ids)
+            pos[r, offset:offset + n] = torch.tensor(depth)
+            for node in range(n):
+                if parent[node] >= 0:
+                    visible[r, offset + node] |= visible[r, offset + parent[node]]
+            for (i, side), path in paths.items():
+                f, p = features[i], len(features[i]["prompt_ids"])
+                completion, weights = ((f["chosen_ids"], f["chosen_weights"]) if side == 0
+                                       else (f["rejected_ids"], f["rejected_weights"]))
+                entries += [(r, offset + path[p + k - 1], token, i, side, w)
+                            for k, (token, w) in enumerate(zip(completion, weights))]
+            offset += n
+    columns = list(zip(*entries))
+    batch = {"input_ids": input_ids, "position_ids": pos, "visible": visible,
+             **{f"entry_{name}": torch.tensor(values, dtype=torch.float if name == "weight" else torch.long)
+                for name, values in zip(("row", "col", "target", "pair", "side", "weight"), columns)},
+             "n_pairs": torch.tensor(len(features))}
+    for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain"):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
+    return batch
+
+
+def tree_logps(model, batch):
+    """sequence_logps for a collate_tree batch: the head runs once per predicting position, each entry reads
+    its target there, and the entries are summed by pair and side."""
+    mask = additive_mask(batch["visible"], next(model.parameters()).dtype)
+    where, at = torch.unique(batch["entry_row"] * batch["input_ids"].shape[1] + batch["entry_col"],
+                             return_inverse=True)
+    width = batch["input_ids"].shape[1]
+    logits = logits_at(model, where // width, where % width, input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=batch["position_ids"]).float()
+    token_logp = logits[at, batch["entry_target"]] - logits.logsumexp(-1)[at]
+    n = int(batch["n_pairs"])
+    slot = batch["entry_pair"] * 2 + batch["entry_side"]
+
+    def per_pair(values):                                            # (entries,) -> (n, 2): by pair, side
+        return values.new_zeros(2 * n).index_add(0, slot, values).view(n, 2)
+
+    weighted, plain, count = (per_pair(token_logp * batch["entry_weight"]), per_pair(token_logp),
+                              per_pair(torch.ones_like(token_logp)))
+    return {"chosen": weighted[:, 0], "rejected": weighted[:, 1], "chosen_plain": plain[:, 0],
+            "rejected_plain": plain[:, 1], "chosen_tokens": count[:, 0], "rejected_tokens": count[:, 1]}
+
+
 def attention_mask_4d(part, segment, dtype):
     """(rows, 1, L, L) additive mask from `part` and `segment`: causal and within one segment; the prompt
     visible to all of its segment; chosen and rejected each see only themselves besides the prompt;
@@ -134,6 +223,8 @@ def sequence_logps(model, batch, prefix_sharing=True):
     chosen token count, rejected token count) of log pi(token), from one forward. The vocabulary projection
     runs only at the positions that predict a scored token (common.logits_at): in a Step-DPO pair most
     tokens are prompt and prefix."""
+    if "visible" in batch:
+        return tree_logps(model, batch)
     mask = attention_mask_4d(batch["part"], batch["segment"], next(model.parameters()).dtype)  # model may be DDP-wrapped
     scored = (batch["chosen_scored"] + batch["rejected_scored"]) > 0
     if prefix_sharing:
@@ -168,7 +259,7 @@ def sequence_logps(model, batch, prefix_sharing=True):
 
 
 def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, cache_path=None, pack_factor=2.0,
-                         bf16=False):
+                         bf16=False, tree=False):
     """Reference log-probs of every pair, one pass before training; the frozen reference makes this exact.
     Stored in each feature as ref_chosen / ref_rejected (weighted) and ref_chosen_plain, and cached. `bf16`:
     under bf16 autocast, as a bf16 training run computes the policy's (so the first step starts at the
@@ -183,7 +274,7 @@ def precompute_reference(model, features, batch_size, pad_id, prefix_sharing, ca
         model.eval()
         with torch.no_grad(), torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
             for start in tqdm(range(0, len(features), batch_size), desc="reference log-probs"):
-                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing, pack_factor)
+                batch = collate(features[start:start + batch_size], pad_id, prefix_sharing, pack_factor, tree)
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 out = sequence_logps(model, batch, prefix_sharing)
                 values += [list(v) for v in zip(out["chosen"].tolist(), out["rejected"].tolist(),

@@ -122,6 +122,18 @@ def trainer_settings(args):
     return config_from_argv({k: getattr(train_stepwise_dpo, k) for k in train_stepwise_dpo.CONFIG_KEYS}, args)
 
 
+def same_setting(key, before, now):
+    """Whether a finished run's setting is this one. A trainer tunable added since the run, at its default,
+    does what the trainer did without it, so it does not make the run stale."""
+    if key != "trainer" or not (before and now):
+        return before == now
+    import train_stepwise_dpo
+
+    added = {k: v for k, v in now.items() if k not in before}
+    return {k: v for k, v in now.items() if k in before} == before and all(
+        v == getattr(train_stepwise_dpo, k) for k, v in added.items())
+
+
 def one_run(cfg, runner, method, seed, scored_on):
     """Greedy accuracy of one (method, seed) on `scored_on` (eval_problems), trained and evaluated unless a
     finished run with the same settings is already there: the starting policy's weights, the pairs file's
@@ -141,7 +153,7 @@ def one_run(cfg, runner, method, seed, scored_on):
     if os.path.exists(done):
         with open(done) as f:
             previous = json.load(f)
-        if all(previous.get(k) == v for k, v in settings.items()):
+        if all(same_setting(k, previous.get(k), v) for k, v in settings.items()):
             return previous["greedy_acc"]
     model = cfg["POLICY"]
     if training:

@@ -45,7 +45,8 @@ EVAL_DATA = ""                    # held-out pairs of the same shape for the eva
 MODE = "step"                     # step | weighted | outcome
 ANSWER_STYLE = "gsm8k"            # the final answer a chat-template policy is asked for: gsm8k (#### x) | boxed
 OUT_DIR = "results/reference/round1/train"
-LOSS = "sigmoid"                  # sigmoid (DPO) | ipo | sft (NLL_WEIGHT x chosen NLL only: the SFT control)
+LOSS = "sigmoid"                  # sigmoid (DPO) | ipo | cpo (reference-free) | sft (NLL_WEIGHT x chosen NLL only:
+                                  # the SFT control)
 BETA = 0.1                        # chosen on validation problems, 0.1 > 0.3 on 2 seeds (docs/LOG.md, recipe sweep)
 NLL_WEIGHT = 1.0                  # RPO: weight of the mean NLL of chosen tokens
 DPOP_LAMBDA = 50.0                # DPO-Positive penalty weight (0 = off); step pairs differ in a token or two
@@ -60,6 +61,8 @@ MAX_GRAD_NORM = 1.0
 REFERENCE = "precomputed"         # precomputed (cached on disk) | live (a frozen copy, or base without LoRA)
 PREFIX_SHARING = True             # one forward over [prompt, chosen, rejected]
 PACK_FACTOR = 2.0                 # prefix-shared rows hold pairs up to this many times the longest pair's length
+TREE = False                      # a batch's pairs of one question share one token tree (batching.collate_tree):
+                                  # same losses up to float rounding, fewer tokens (docs/benchmarks.md)
 LORA = False
 LORA_R = 8
 LORA_ALPHA = 16
@@ -121,7 +124,12 @@ def marked_final(text, default):
 
 def build_features(tokenizer, row, mode, style="gsm8k"):
     """{prompt_ids, chosen_ids, rejected_ids, chosen_weights, rejected_weights} for one pair. The prompt is
-    the row's question in the policy prompt (asking for the final answer in `style`)."""
+    the row's question in the policy prompt (asking for the final answer in `style`). `group` (the question)
+    lets TREE batches share a question's tokens among its pairs."""
+    return build_token_features(tokenizer, row, mode, style) | {"group": row["prompt"]}
+
+
+def build_token_features(tokenizer, row, mode, style):
     if mode == "step":
         prompt = encode(tokenizer, policy_prompt(tokenizer, row["prompt"], style) + row["initial_reason_steps"])
         chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
@@ -183,7 +191,7 @@ class DPOSettings:
     defaults are the tunables above."""
 
     beta: float = BETA                      # scale of the implicit reward beta * (log pi - log pi_ref)
-    loss: str = LOSS                        # sigmoid (DPO) | ipo | sft (only the NLL term: the SFT control)
+    loss: str = LOSS                        # sigmoid (DPO) | ipo | cpo | sft (only the NLL term: the SFT control)
     nll_weight: float = NLL_WEIGHT          # weight of the mean NLL of the chosen tokens (RPO)
     dpop_lambda: float = DPOP_LAMBDA        # DPO-Positive penalty weight (0 = off)
     prefix_sharing: bool = PREFIX_SHARING   # one forward over [prompt, chosen, rejected] (False: two rows)
@@ -199,23 +207,26 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
 
     sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))            (DPO, eq. 7)
     ipo:     (chosen log-ratio - rejected log-ratio - 1 / (2 beta))^2                (IPO, eq. 17)
+    cpo:     -log sigmoid(beta * (log pi(y_w) - log pi(y_l))), no reference (CPO, Xu et al. 2024,
+             arXiv 2401.08417, eq. 3; with the NLL term, their full loss): the pairs the policy still gets
+             wrong weigh most, not the ones it moved least from the reference
     sft:     0 (with the NLL term, supervised fine-tuning on the chosen tokens: a control)
     DPO-Positive subtracts dpop_lambda * max(0, log pi_ref(y_w) - log pi(y_w)) from the log-ratio
     difference inside the loss (Pal et al. 2024, eq. 3), so the chosen likelihood cannot fall below the
     reference's for free."""
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
-    margin = chosen_logratio - rejected_logratio
+    margin = policy_chosen - policy_rejected if loss_type == "cpo" else chosen_logratio - rejected_logratio
     if dpop_lambda:
         margin = margin - dpop_lambda * (ref_chosen_plain - policy_chosen_plain).clamp(min=0)
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "cpo"):
         losses = -torch.nn.functional.logsigmoid(beta * margin)
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
     elif loss_type == "sft":  # no preference term: only NLL_WEIGHT * NLL of the chosen tokens (a control)
         losses = torch.zeros_like(margin)
     else:
-        raise ValueError(f"unknown LOSS {loss_type!r}; use sigmoid, ipo or sft")
+        raise ValueError(f"unknown LOSS {loss_type!r}; use sigmoid, ipo, cpo or sft")
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
@@ -430,9 +441,10 @@ def main(argv):
             key = f"{fingerprint(cfg['MODEL'])}-{data_fingerprint(feats)}-{int(cfg['PREFIX_SHARING'])}"
             key += "-bf16" if cfg["BF16"] else ""   # the reference in the precision the policy is computed in
             key += f"-{cfg['ATTENTION']}" if cfg["ATTENTION"] else ""   # and with the same attention kernel
+            key += "-tree" if cfg["TREE"] else ""                        # and layout (rounding differs)
             precompute_reference(model, feats, cfg["BATCH_SIZE"], tokenizer.pad_token_id, cfg["PREFIX_SHARING"],
                                  os.path.join(cfg["CACHE_DIR"], "reference", f"{key}.json"), cfg["PACK_FACTOR"],
-                                 cfg["BF16"])
+                                 cfg["BF16"], cfg["TREE"])
     elif not cfg["LORA"]:
         ref_model, _ = load_model(cfg["MODEL"], cfg["DTYPE"], cfg["TRUST_REMOTE_CODE"], attention=cfg["ATTENTION"])
         ref_model.requires_grad_(False)
@@ -446,7 +458,8 @@ def main(argv):
     trainer = StepwiseDPOTrainer(
         model=model, args=args, train_dataset=PairDataset(epoch_order(features, cfg["EPOCHS"], cfg["SEED"])),
         eval_dataset=PairDataset(eval_features) if eval_features else None,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"], cfg["PACK_FACTOR"]),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, cfg["PREFIX_SHARING"], cfg["PACK_FACTOR"],
+                                           cfg["TREE"]),
         dpo=DPOSettings.from_config(cfg),
         ref_model=ref_model, callbacks=[JsonlMetrics(os.path.join(out, "metrics.jsonl"))])
     if trainer.is_world_process_zero():

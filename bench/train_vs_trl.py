@@ -8,6 +8,10 @@ same tokenizer; speed does not depend on the weights) each system runs in each o
 run in its own fresh process:
 - ours_fp32: `StepwiseDPOTrainer` in its defaults (precomputed reference, prefix-shared forward), DPO loss;
 - ours_bf16: the same with bf16 autocast (`--BF16=true`);
+- ours_*_tree: the same with the token-tree layout (`--TREE=true`, batching.collate_tree): a batch's pairs of
+  one question share its tokens. In the file's order (ORDER=file) a question's pairs are adjacent, so a
+  batch holds few questions; `--ORDER=shuffled` measures the order training reads them in, where the tree
+  shares less (docs/benchmarks.md);
 - trl_default: `trl.DPOTrainer` with its own defaults (bf16 autocast, gradient checkpointing, a reference
   forward every step);
 - trl_fp32: fp32, no gradient checkpointing, a reference forward every step;
@@ -47,9 +51,11 @@ POLICY = "models/policy"
 PAIRS = "results/reference/round1/judged/step_pairs.jsonl"   # Math-Step-DPO rows
 OUT_FILE = "results/bench/train_vs_trl.json"
 MODELS = ["bundled", "llama-30M"]
-SYSTEMS = ["ours_fp32", "ours_bf16", "ours_bf16_eager", "trl_default", "trl_fp32", "trl_fp32_precomputed",
-           "trl_bf16_precomputed", "trl_bf16_precomputed_eager"]
+SYSTEMS = ["ours_fp32", "ours_bf16", "ours_bf16_eager", "ours_fp32_tree", "ours_bf16_tree", "trl_default", "trl_fp32",
+           "trl_fp32_precomputed", "trl_bf16_precomputed", "trl_bf16_precomputed_eager"]
 N_PAIRS = {"bundled": 512, "llama-30M": 128}            # pairs cycled from PAIRS to this many
+ORDER = "file"                                          # file: a question's pairs adjacent, as reward_model.py
+                                                        # writes them | shuffled (seed 0), as training reads them
 BATCH = {"bundled": 32, "llama-30M": 16}
 EPOCHS = 1
 LR = 5e-5
@@ -78,9 +84,15 @@ def random_llama(tokenizer, folder):
 
 
 def pair_rows(cfg, name):
-    """N_PAIRS[name] Step-DPO rows, cycled from PAIRS."""
+    """N_PAIRS[name] Step-DPO rows, cycled from PAIRS (in ORDER)."""
+    import random
+
     with open(cfg["PAIRS"]) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    if cfg["ORDER"] == "shuffled":
+        random.Random(0).shuffle(rows)
+    elif cfg["ORDER"] != "file":
+        raise SystemExit(f"--ORDER must be file or shuffled, got {cfg['ORDER']!r}")
     return [rows[i % len(rows)] for i in range(cfg["N_PAIRS"][name])]
 
 
@@ -140,7 +152,7 @@ def trl_trainer(cfg, name, model, tokenizer, system, out):
                       processing_class=tokenizer)
 
 
-def our_trainer(cfg, name, model, tokenizer, ids, out, bf16):
+def our_trainer(cfg, name, model, tokenizer, ids, out, bf16, tree):
     """Ours from the Step-DPO rows through the training script's own tokenization (build_features), with
     EOS appended to the completion text as TRL does; checked to give exactly TRL's token ids."""
     from transformers import TrainingArguments
@@ -153,10 +165,10 @@ def our_trainer(cfg, name, model, tokenizer, ids, out, bf16):
     features = [build_features(tokenizer, r, "step") for r in rows]
     assert [{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in features] == ids, \
         "our tokenization differs from TRL's"
-    precompute_reference(model, features, cfg["BATCH"][name], tokenizer.pad_token_id, True, bf16=bf16)
+    precompute_reference(model, features, cfg["BATCH"][name], tokenizer.pad_token_id, True, bf16=bf16, tree=tree)
     return StepwiseDPOTrainer(
         model=model, args=training_args(cfg, name, out, TrainingArguments, bf16=bf16), train_dataset=PairDataset(features),
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, True),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, True, tree=tree),
         dpo=DPOSettings(beta=cfg["BETA"], loss="sigmoid", nll_weight=0.0, dpop_lambda=0.0, prefix_sharing=True))
 
 
@@ -179,7 +191,7 @@ def run_one(cfg, name, system, ids_file):
         reset_peak_rss()
         t0 = time.perf_counter()
         if system.startswith("ours"):
-            trainer = our_trainer(cfg, name, model, tokenizer, ids, out, "bf16" in system)
+            trainer = our_trainer(cfg, name, model, tokenizer, ids, out, "bf16" in system, "tree" in system)
         else:
             trainer = trl_trainer(cfg, name, model, tokenizer, system, out)
             same = [{k: list(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in trainer.train_dataset]
@@ -241,6 +253,10 @@ def main(argv):
                                                                                            trl_fp32["loss"])),
                      "logps_step0_max_abs_diff_fp32": max(abs(ours_fp32[k] - trl_fp32[k]) for k in
                                                           ("logps_chosen_step0", "logps_rejected_step0"))})
+        if (name, "ours_fp32_tree") in results:  # the tree layout computes the same losses
+            tree = results[name, "ours_fp32_tree"]
+            rows[-1]["loss_first_steps_max_abs_diff_fp32_tree"] = max(abs(a - b) for a, b in zip(tree["loss"],
+                                                                                                trl_fp32["loss"]))
         print_json(rows[-1])
     atomic_write_json(cfg["OUT_FILE"], {
         "rows": rows, "runs": runs, "repeats": cfg["REPEATS"], "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -99,3 +99,15 @@ def test_a_finished_run_is_redone_after_new_pairs_a_new_trainer_default_or_a_new
     (policy / "model.safetensors").write_bytes(b"weights")
     assert run(cfg | {"POLICY": str(policy)}, RecordingRunner(acc=0.1), "sft", 0) == 0.1
     assert run(cfg, RecordingRunner(acc=0.2), "sft", 0) == 0.2
+
+
+def test_a_trainer_tunable_added_since_a_run_keeps_it_only_at_its_default(tmp_path):
+    cfg = config(tmp_path)
+    assert run(cfg, RecordingRunner(acc=0.25), "step_dpo", 0) == 0.25
+    done = tmp_path / "runs" / "step_dpo-seed0" / "eval.json"
+    finished = json.loads(done.read_text())
+    del finished["trainer"]["TREE"]                       # as a run made before TREE existed recorded it
+    done.write_text(json.dumps(finished))
+    assert run(cfg, RecordingRunner(acc=0.5), "step_dpo", 0) == 0.25
+    runner = RecordingRunner(acc=0.75)                    # the new tunable away from its default: redone
+    assert run(cfg | {"TRAIN_ARGS": ["--TREE=true"]}, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2

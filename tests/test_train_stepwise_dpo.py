@@ -26,6 +26,8 @@ def test_preference_loss_by_hand():
     assert (rc.item(), rr.item()) == pytest.approx((0.25, -0.25))
     ipo, _, _ = T.preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.25, loss_type="ipo")
     assert ipo.item() == pytest.approx(1.0)                                    # (1 - 1/(2*0.25))^2
+    cpo, _, _ = T.preference_loss(t(-1.0), t(-2.0), t(-0.5), t(-3.0), beta=0.5, loss_type="cpo")
+    assert cpo.item() == pytest.approx(losses.item())                          # the reference plays no part
     dpop, _, _ = T.preference_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.5, dpop_lambda=2.0,
                                    policy_chosen_plain=t(-1.5), ref_chosen_plain=t(-1.0))
     assert dpop.item() == pytest.approx(math.log(2))                           # margin 1 - 2 * 0.5 = 0
@@ -275,23 +277,34 @@ def test_gradient_checkpointing_gives_the_same_steps(train_setup, tmp_path):
     assert a[-1]["rewards/margins"] != 0.0
 
 
-def test_eager_attention_gives_the_same_steps(train_setup, tmp_path):
-    """--ATTENTION=eager trains the same steps as the default SDPA kernel (to 1e-4 relative); its
-    reference log-probs are cached apart from SDPA's, and load_model hands the choice to transformers."""
-    model, _ = load_model(train_setup / "policy", attention="eager")
-    assert model.config._attn_implementation == "eager"
-    assert load_model(train_setup / "policy")[0].config._attn_implementation == "sdpa"
-    default, eager = tmp_path / "default", tmp_path / "eager"
+def same_steps(train_setup, tmp_path, flag, cache_suffix):
+    """Three updates with `flag` train the same steps as the defaults (to 1e-4 relative: other kernels or
+    summation orders), and cache their reference log-probs apart."""
+    default, other = tmp_path / "default", tmp_path / "other"
     run(train_args(train_setup, default, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100"))
-    run(train_args(train_setup, eager, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", "--ATTENTION=eager"))
-    a, b = training_rows(default), training_rows(eager)
+    run(train_args(train_setup, other, "--BATCH_SIZE=8", "--MAX_STEPS=3", "--SAVE_STEPS=100", flag))
+    a, b = training_rows(default), training_rows(other)
     assert len(a) == len(b) == 3 and a[-1]["rewards/margins"] != 0.0
     for ra, rb in zip(a, b):
         for key in ("loss", "rewards/margins", "grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (ra["step"], key)  # other kernels
-    assert any(p.name.endswith("-eager.json") for p in (train_setup / "cache" / "reference").iterdir())
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (ra["step"], key)
+    assert any(p.name.endswith(cache_suffix) for p in (train_setup / "cache" / "reference").iterdir())
+
+
+def test_eager_attention_gives_the_same_steps(train_setup, tmp_path):
+    """--ATTENTION=eager trains the same steps as the default SDPA kernel; load_model hands the choice to
+    transformers."""
+    model, _ = load_model(train_setup / "policy", attention="eager")
+    assert model.config._attn_implementation == "eager"
+    assert load_model(train_setup / "policy")[0].config._attn_implementation == "sdpa"
+    same_steps(train_setup, tmp_path, "--ATTENTION=eager", "-eager.json")
     with pytest.raises(SystemExit, match="--ATTENTION must be sdpa or eager"):  # a flash kernel drops the mask
         T.main(train_args(train_setup, tmp_path / "flash", "--ATTENTION=flash_attention_2"))
+
+
+def test_tree_layout_gives_the_same_steps(train_setup, tmp_path):
+    """--TREE=true (a question's pairs share one token tree) trains the same steps as the default layout."""
+    same_steps(train_setup, tmp_path, "--TREE=true", "-tree.json")
 
 
 def test_lora_run_saves_an_adapter_that_load_model_rebuilds(train_setup, tmp_path):
