@@ -62,7 +62,8 @@ REFERENCE = "precomputed"         # precomputed (cached on disk) | live (a froze
 PREFIX_SHARING = True             # one forward over [prompt, chosen, rejected]
 PACK_FACTOR = 2.0                 # prefix-shared rows hold pairs up to this many times the longest pair's length
 TREE = False                      # a batch's pairs of one question share one token tree (batching.collate_tree):
-                                  # same losses up to float rounding, fewer tokens (docs/benchmarks.md)
+                                  # same losses up to float rounding, fewer tokens (docs/benchmarks.md); it
+                                  # replaces the PREFIX_SHARING layout
 LORA = False
 LORA_R = 8
 LORA_ALPHA = 16
