@@ -113,10 +113,7 @@ def collate(features, pad_id, prefix_sharing=True, pack_factor=2.0, tree=False):
     if prefix_sharing:
         batch |= {"first_rejected": torch.tensor(first_rejected), "first_rejected_weight": torch.tensor(first_weight),
                   "first_row": torch.tensor(first_row), "last_prompt": torch.tensor(last_prompt)}
-    for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain"):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
-    return batch
+    return batch | reference_columns(features)
 
 
 def collate_tree(features, pad_id, pack_factor=2.0):
@@ -178,19 +175,15 @@ def collate_tree(features, pad_id, pack_factor=2.0):
              **{f"entry_{name}": torch.tensor(values, dtype=torch.float if name == "weight" else torch.long)
                 for name, values in zip(("row", "col", "target", "pair", "side", "weight"), columns)},
              "n_pairs": torch.tensor(len(features))}
-    for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain"):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
-    return batch
+    return batch | reference_columns(features)
 
 
 def tree_logps(model, batch):
     """sequence_logps for a collate_tree batch: the head runs once per predicting position, each entry reads
     its target there, and the entries are summed by pair and side."""
     mask = additive_mask(batch["visible"], next(model.parameters()).dtype)
-    where, at = torch.unique(batch["entry_row"] * batch["input_ids"].shape[1] + batch["entry_col"],
-                             return_inverse=True)
     width = batch["input_ids"].shape[1]
+    where, at = torch.unique(batch["entry_row"] * width + batch["entry_col"], return_inverse=True)
     logits = logits_at(model, where // width, where % width, input_ids=batch["input_ids"], attention_mask=mask,
                        position_ids=batch["position_ids"]).float()
     token_logp = logits[at, batch["entry_target"]] - logits.logsumexp(-1)[at]
@@ -204,6 +197,12 @@ def tree_logps(model, batch):
                               per_pair(torch.ones_like(token_logp)))
     return {"chosen": weighted[:, 0], "rejected": weighted[:, 1], "chosen_plain": plain[:, 0],
             "rejected_plain": plain[:, 1], "chosen_tokens": count[:, 0], "rejected_tokens": count[:, 1]}
+
+
+def reference_columns(features):
+    """The precomputed reference log-probs the features carry (precompute_reference), as batch columns."""
+    return {key: torch.tensor([f[key] for f in features], dtype=torch.float64)
+            for key in ("ref_chosen", "ref_rejected", "ref_chosen_plain") if key in features[0]}
 
 
 def attention_mask_4d(part, segment, dtype):

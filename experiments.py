@@ -127,11 +127,9 @@ def same_setting(key, before, now):
     does what the trainer did without it, so it does not make the run stale."""
     if key != "trainer" or not (before and now):
         return before == now
-    import train_stepwise_dpo
-
-    added = {k: v for k, v in now.items() if k not in before}
+    defaults = trainer_settings([])
     return {k: v for k, v in now.items() if k in before} == before and all(
-        v == getattr(train_stepwise_dpo, k) for k, v in added.items())
+        v == defaults[k] for k, v in now.items() if k not in before)
 
 
 def one_run(cfg, runner, method, seed, scored_on):
