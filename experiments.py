@@ -16,12 +16,17 @@ the test set:
 - step_dpo_oracle: Step-DPO on pairs built with the task's reference step labels instead of the judge
                    (JUDGE=oracle:...): what a perfect judge would give.
 
+How far apart two methods are (COMPARE): the difference of their mean accuracies with a 95% bootstrap
+interval that resamples the test problems (paired: both methods on the same draw) and each method's seeds
+(metrics.bootstrap_difference), in summary.json and summary.md. An interval that holds 0 is a tie.
+
 summary.json also says how many step pairs the task's reference step labels agree with (pair_quality:
 prefix right, chosen step right, rejected step wrong), a diagnostic of the judge that training never reads.
 
 Every training run makes the same number of updates (TRAIN_STEPS). A seed sets the order of the pairs
 and the training randomness; the data is the same for all seeds.
-Finished runs are kept (RUN_DIR/runs/<method>-seed<k>/eval.json), so an interrupted experiment continues.
+Finished runs are kept (RUN_DIR/runs/<method>-seed<k>/eval.json, with the run's right/wrong per problem), so an
+interrupted experiment continues.
 
 A recipe is chosen on validation problems, never on the test set: `--EVAL_ON=validation` scores every run on
 data_utils.VALIDATION, and VARIANTS names other trainer settings of a method, e.g.
@@ -37,9 +42,11 @@ import time
 
 from common import (Stages, atomic_write_json, atomic_write_text, command_line, config_from_argv, file_sha256,
                     print_json)
-from data_utils import PAIRS_POOL, VALIDATION, load_problems
+from data_utils import PAIRS_POOL, VALIDATION, answers_match, load_problems
+from metrics import bootstrap_difference
 from models import fingerprint
 from pairs import pair_quality
+from sources import read_jsonl
 
 # ----------------------------------------------------------------------------- tunables
 POLICY = "models/policy"
@@ -63,6 +70,8 @@ TRAIN_ARGS = []               # extra --KEY=value for every training run (e.g. [
 METHOD_ARGS = {}              # extra --KEY=value per method, e.g. {"step_dpo": ["--BETA=0.1"]}
 VARIANTS = {}                 # name -> [method, [--KEY=value, ...]]: a method with other trainer settings, run when
                               # METHODS names it, e.g. {"step_dpo_lr1e-4": ["step_dpo", ["--LR=1e-4"]]}
+COMPARE = [["step_dpo", "sft"], ["step_dpo", "sft_continued"], ["step_dpo", "outcome_dpo"],
+           ["step_dpo", "weighted_dpo"], ["step_dpo_oracle", "step_dpo"]]  # [a, b]: a - b with its interval
 EVAL_BATCH = 128
 THREADS = 2
 CONFIG_KEYS = [k for k in list(globals()) if k.isupper()]
@@ -133,10 +142,11 @@ def same_setting(key, before, now):
 
 
 def one_run(cfg, runner, method, seed, scored_on):
-    """Greedy accuracy of one (method, seed) on `scored_on` (eval_problems), trained and evaluated unless a
-    finished run with the same settings is already there: the starting policy's weights, the pairs file's
-    content, the trainer's resolved settings (its defaults included) and the evaluation problems. A run with
-    other settings (a rebuilt judge, a changed trainer default) is redone."""
+    """(greedy accuracy, "1"/"0" per problem) of one (method, seed) on `scored_on` (eval_problems), trained and
+    evaluated unless a finished run with the same settings is already there: the starting policy's weights,
+    the pairs file's content, the trainer's resolved settings (its defaults included) and the evaluation
+    problems. A run with other settings (a rebuilt judge, a changed trainer default), or one finished before
+    runs kept their per-problem results, is redone."""
     folder = os.path.join(cfg["RUN_DIR"], "runs", f"{method}-seed{seed}")
     done = os.path.join(folder, "eval.json")
     file, first, n = scored_on
@@ -151,8 +161,8 @@ def one_run(cfg, runner, method, seed, scored_on):
     if os.path.exists(done):
         with open(done) as f:
             previous = json.load(f)
-        if all(same_setting(k, previous.get(k), v) for k, v in settings.items()):
-            return previous["greedy_acc"]
+        if "greedy_correct" in previous and all(same_setting(k, previous.get(k), v) for k, v in settings.items()):
+            return previous["greedy_acc"], previous["greedy_correct"]
     model = cfg["POLICY"]
     if training:
         runner.run(f"{method}-seed{seed}", "train_stepwise_dpo.py", args)
@@ -163,9 +173,19 @@ def one_run(cfg, runner, method, seed, scored_on):
         f"--OUT_DIR={folder}/eval"])
     with open(os.path.join(folder, "eval", "metrics.json")) as f:
         acc = json.load(f)["greedy_acc"]
-    atomic_write_json(done, {"method": method, "seed": seed, "greedy_acc": acc, "model": model, **settings})
+    correct = "".join("01"[answers_match(r["greedy_answer"], r["gold"])]
+                      for r in read_jsonl(os.path.join(folder, "eval", "samples.jsonl")))
+    atomic_write_json(done, {"method": method, "seed": seed, "greedy_acc": acc, "greedy_correct": correct,
+                             "model": model, **settings})
     print_json({"method": method, "seed": seed, "greedy_acc": acc})
-    return acc
+    return acc, correct
+
+
+def comparisons(cfg, correct):
+    """[{a, b, difference, low, high}] for the COMPARE pairs whose methods ran (metrics.bootstrap_difference)."""
+    return [{"a": a, "b": b} | bootstrap_difference([list(map(int, c)) for c in correct[a]],
+                                                    [list(map(int, c)) for c in correct[b]])
+            for a, b in cfg["COMPARE"] if a in correct and b in correct]
 
 
 def table(methods, seeds):
@@ -176,6 +196,13 @@ def table(methods, seeds):
         mean = statistics.mean(accs)
         gain = f"{mean - base:+.1%}" if base is not None else ""
         lines.append(f"| {name} | {mean:.1%} | {gain} | " + " | ".join(f"{a:.1%}" for a in accs) + " |")
+    return "\n".join(lines)
+
+
+def differences_table(differences):
+    lines = ["| comparison | difference | 95% interval (problems and seeds resampled) |", "|---|---|---|"]
+    lines += [f"| {d['a']} - {d['b']} | {d['difference']:+.1%} | {d['low']:+.1%} to {d['high']:+.1%} |"
+              for d in differences]
     return "\n".join(lines)
 
 
@@ -212,9 +239,11 @@ def main(argv):
     if "step_dpo_oracle" in [base_method(cfg, m) for m in cfg["METHODS"]]:
         counts["oracle"] = make_pairs(cfg, runner, "oracle", f"oracle:{cfg['TRAIN_FILE']}")
     scored_on = file, first, n_problems = eval_problems(cfg)
-    methods = {m: [one_run(cfg, runner, m, s, scored_on) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
+    runs = {m: [one_run(cfg, runner, m, s, scored_on) for s in cfg["SEEDS"]] for m in cfg["METHODS"]}
+    methods = {m: [acc for acc, _ in r] for m, r in runs.items()}
+    differences = comparisons(cfg, {m: [c for _, c in r] for m, r in runs.items()})
     summary = {"seeds": cfg["SEEDS"], "methods": methods,
-               "mean": {m: statistics.mean(a) for m, a in methods.items()},
+               "mean": {m: statistics.mean(a) for m, a in methods.items()}, "differences": differences,
                "pairs": {name: {k: c[k] for k in ("step_pairs", "full_pairs", "samples", "correct_samples")}
                          | {"step_pair_quality": pair_quality(os.path.join(cfg["RUN_DIR"], name, "step_pairs.jsonl"),
                                                               cfg["TRAIN_FILE"])}
@@ -222,7 +251,7 @@ def main(argv):
                "settings": {k: cfg[k] for k in CONFIG_KEYS}, "wall_seconds": round(time.time() - t0, 1),
                "command": command_line(__file__, argv)}
     atomic_write_json(os.path.join(cfg["RUN_DIR"], "summary.json"), summary)
-    text = table(methods, cfg["SEEDS"])
+    text = table(methods, cfg["SEEDS"]) + "\n\n" + differences_table(differences)
     atomic_write_text(os.path.join(cfg["RUN_DIR"], "summary.md"),
                       f"# Methods against controls\n\n{text}\n\nGreedy accuracy on {n_problems} problems "
                       f"({file} from problem {first}). Wall time {summary['wall_seconds']:.0f} s.\n\n"

@@ -98,3 +98,21 @@ def first_error_auroc(solutions):
     return {kind: auroc(right + wrong, [True] * len(right) + [False] * len(wrong))
             for kind, wrong in (("arithmetic_slip", slips), ("other", other))} | {
         "n_right_steps": len(right), "n_arithmetic_slip": len(slips), "n_other": len(other)}
+
+
+def bootstrap_difference(a, b, n_boot=2000, seed=0):
+    """Mean accuracy difference of method a over method b with its 95% bootstrap interval. a, b: per training
+    seed, 0/1 per problem (the same problems in the same order). Each draw resamples the problems, the same
+    draw for both methods (the comparison is paired), and each method's seeds, so the interval holds both
+    the test set's and the training seeds' share of the noise."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    problems = rng.integers(a.shape[1], size=(n_boot, a.shape[1]))
+    seeds_a, seeds_b = rng.integers(len(a), size=(n_boot, len(a))), rng.integers(len(b), size=(n_boot, len(b)))
+    # a draw's accuracy: the mean over its seeds of the per-seed mean over its problems
+    acc_a = np.take_along_axis(a[seeds_a], problems[:, None, :], axis=2).mean(axis=(1, 2))
+    acc_b = np.take_along_axis(b[seeds_b], problems[:, None, :], axis=2).mean(axis=(1, 2))
+    low, high = np.quantile(acc_a - acc_b, [0.025, 0.975])
+    return {"difference": float(a.mean() - b.mean()), "low": float(low), "high": float(high)}

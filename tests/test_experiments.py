@@ -10,8 +10,8 @@ from data_utils import VALIDATION
 
 
 class RecordingRunner:
-    """Stands in for common.Stages: records each script's arguments and writes the greedy accuracy an
-    evaluation would."""
+    """Stands in for common.Stages: records each script's arguments and writes what an evaluation would: the
+    greedy accuracy, and per problem (4 of them) the answer, the first acc * 4 right."""
 
     def __init__(self, acc=0.5):
         self.calls, self.acc = [], acc
@@ -23,6 +23,9 @@ class RecordingRunner:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "metrics.json"), "w") as f:
                 json.dump({"greedy_acc": self.acc}, f)
+            with open(os.path.join(out, "samples.jsonl"), "w") as f:
+                f.writelines(json.dumps({"gold": "7", "greedy_answer": "7" if i < self.acc * 4 else "8"}) + "\n"
+                             for i in range(4))
 
 
 def config(tmp_path, **over):
@@ -37,7 +40,8 @@ def config(tmp_path, **over):
 
 
 def run(cfg, runner, method, seed):
-    return experiments.one_run(cfg, runner, method, seed, experiments.eval_problems(cfg))
+    """The run's greedy accuracy."""
+    return experiments.one_run(cfg, runner, method, seed, experiments.eval_problems(cfg))[0]
 
 
 def arg(args, key):
@@ -111,3 +115,20 @@ def test_a_trainer_tunable_added_since_a_run_keeps_it_only_at_its_default(tmp_pa
     assert run(cfg, RecordingRunner(acc=0.5), "step_dpo", 0) == 0.25
     runner = RecordingRunner(acc=0.75)                    # the new tunable away from its default: redone
     assert run(cfg | {"TRAIN_ARGS": ["--TREE=true"]}, runner, "step_dpo", 0) == 0.75 and len(runner.calls) == 2
+
+
+def test_runs_keep_their_per_problem_results_and_comparisons_read_them(tmp_path):
+    cfg = config(tmp_path)
+    assert experiments.one_run(cfg, RecordingRunner(acc=0.75), "step_dpo", 0, experiments.eval_problems(cfg)) == (
+        0.75, "1110")
+    done = tmp_path / "runs" / "step_dpo-seed0" / "eval.json"
+    finished = json.loads(done.read_text())
+    del finished["greedy_correct"]                        # as a run made before runs kept them recorded it
+    done.write_text(json.dumps(finished))
+    runner = RecordingRunner(acc=0.5)
+    assert run(cfg, runner, "step_dpo", 0) == 0.5 and len(runner.calls) == 2
+    diffs = experiments.comparisons(cfg | {"COMPARE": [["a", "b"], ["a", "missing"]]},
+                                    {"a": ["1111", "1110"], "b": ["0000", "0000"]})
+    assert [(d["a"], d["b"]) for d in diffs] == [("a", "b")] and diffs[0]["difference"] == pytest.approx(0.875)
+    assert 0.5 <= diffs[0]["low"] <= diffs[0]["high"] == 1.0
+    assert "| a - b | +87.5% |" in experiments.differences_table(diffs)

@@ -47,3 +47,15 @@ def test_first_error_auroc_splits_first_errors_by_kind():
     m = metrics.first_error_auroc(solutions)
     # only the first error of a solution counts: the later wrong step (0.1) is in neither group
     assert m == {"arithmetic_slip": 1.0, "other": 0.0, "n_right_steps": 3, "n_arithmetic_slip": 1, "n_other": 1}
+
+
+def test_bootstrap_difference_is_paired_and_holds_the_seeds_noise():
+    bootstrap_difference = metrics.bootstrap_difference
+    same = [[1, 0, 1, 1, 0] * 20]
+    assert bootstrap_difference(same, same) == {"difference": 0.0, "low": 0.0, "high": 0.0}  # one draw for both
+    better = [[1, 1, 1, 1, 0] * 20]                      # right on 20 more of the 100 problems
+    d = bootstrap_difference(better, same)
+    assert d["difference"] == pytest.approx(0.2) and 0.1 < d["low"] < 0.2 < d["high"] < 0.3
+    d = bootstrap_difference([[1] * 100, [0] * 100], [[1, 0] * 50])   # two seeds that disagree: a wide interval
+    assert d["difference"] == pytest.approx(0.0) and d["low"] <= -0.4 and d["high"] >= 0.4
+    assert bootstrap_difference(better, same, seed=3) == bootstrap_difference(better, same, seed=3)
