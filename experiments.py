@@ -251,7 +251,7 @@ def main(argv):
                "settings": {k: cfg[k] for k in CONFIG_KEYS}, "wall_seconds": round(time.time() - t0, 1),
                "command": command_line(__file__, argv)}
     atomic_write_json(os.path.join(cfg["RUN_DIR"], "summary.json"), summary)
-    text = table(methods, cfg["SEEDS"]) + "\n\n" + differences_table(differences)
+    text = table(methods, cfg["SEEDS"]) + ("\n\n" + differences_table(differences) if differences else "")
     atomic_write_text(os.path.join(cfg["RUN_DIR"], "summary.md"),
                       f"# Methods against controls\n\n{text}\n\nGreedy accuracy on {n_problems} problems "
                       f"({file} from problem {first}). Wall time {summary['wall_seconds']:.0f} s.\n\n"

@@ -108,6 +108,8 @@ def bootstrap_difference(a, b, n_boot=2000, seed=0):
     import numpy as np
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b need one row per seed over the same problems, got shapes {a.shape} and {b.shape}")
     rng = np.random.default_rng(seed)
     problems = rng.integers(a.shape[1], size=(n_boot, a.shape[1]))
     seeds_a, seeds_b = rng.integers(len(a), size=(n_boot, len(a))), rng.integers(len(b), size=(n_boot, len(b)))

@@ -59,3 +59,5 @@ def test_bootstrap_difference_is_paired_and_holds_the_seeds_noise():
     d = bootstrap_difference([[1] * 100, [0] * 100], [[1, 0] * 50])   # two seeds that disagree: a wide interval
     assert d["difference"] == pytest.approx(0.0) and d["low"] <= -0.4 and d["high"] >= 0.4
     assert bootstrap_difference(better, same, seed=3) == bootstrap_difference(better, same, seed=3)
+    with pytest.raises(ValueError, match="same problems"):
+        bootstrap_difference([[1, 0, 1]], [[1, 0]])
